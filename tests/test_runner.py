@@ -1,0 +1,94 @@
+"""qlora_lab.runner and qlora_lab.results: profiles, records, failures named by cell."""
+
+import json
+
+import nbformat
+import pytest
+
+from qlora_lab import record, runner
+from qlora_lab.results import read_results, to_jsonable
+
+
+def _notebook(path, *cells):
+    params = nbformat.v4.new_code_cell('profile = "auto"\noverrides = {}\n'
+                                       'PROFILES = {"smoke": {"n": 2}, "cpu": {"n": 3}, "gpu": {"n": 4}}')
+    params.metadata["tags"] = ["parameters"]
+    nb = nbformat.v4.new_notebook(cells=[params] + [nbformat.v4.new_code_cell(c) for c in cells])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, str(path))
+    return path
+
+
+def test_profile_settings():
+    profiles = {"smoke": {"steps": 2}, "cpu": {"steps": 200}, "gpu": {"steps": 500}}
+    assert runner.profile_settings(profiles, "smoke").steps == 2
+    assert runner.profile_settings(profiles, "cpu", {"steps": 7}).steps == 7
+    assert runner.profile_settings(profiles, "auto").profile in ("cpu", "gpu")
+    with pytest.raises(ValueError, match="smoke"):
+        runner.profile_settings(profiles, "fast")
+    with pytest.raises(ValueError, match="stpes"):
+        runner.profile_settings(profiles, "cpu", {"stpes": 3})
+
+
+def test_to_jsonable():
+    import numpy as np
+    import torch
+
+    assert to_jsonable({"a": np.float32(0.5), "b": (1, torch.tensor(2)), "c": np.bool_(True)}) == \
+        {"a": 0.5, "b": [1, 2], "c": True}
+    with pytest.raises(TypeError):
+        to_jsonable(object())
+    with pytest.raises(ValueError):
+        record("not a name!", 1)
+
+
+def test_run_records_results_and_summary(tmp_path):
+    nb = _notebook(tmp_path / "01_ok.ipynb",
+                   "from qlora_lab import record\nfrom qlora_lab.runner import profile_settings\n"
+                   "P = profile_settings(PROFILES, profile, overrides)",
+                   "record('n_steps', P.n)\nrecord('profile_used', P.profile)\nrecord('nested', {'a': [1, 2.5]})")
+    summary = runner.run_notebooks([nb], "smoke", tmp_path / "runs", progress=False)
+    entry = summary["notebooks"]["01_ok"]
+    assert entry["status"] == "ok" and entry["error"] is None and entry["seconds"] > 0
+    assert entry["results"] == {"n_steps": 2, "profile_used": "smoke", "nested": {"a": [1, 2.5]}}
+    on_disk = json.loads((tmp_path / "runs" / "smoke" / "summary.json").read_text())
+    assert on_disk["profile"] == "smoke" and on_disk["notebooks"]["01_ok"]["results"]["n_steps"] == 2
+    assert "| 01_ok | ok |" in (tmp_path / "runs" / "smoke" / "summary.md").read_text()
+    assert read_results(tmp_path / "runs" / "smoke" / "01_ok.ipynb")["profile_used"] == "smoke"
+
+
+def test_failing_notebook_fails_the_run_and_names_the_cell(tmp_path, capsys):
+    nb = _notebook(tmp_path / "02_bad.ipynb",
+                   "from qlora_lab import record\nrecord('before_failure', 1)",
+                   "x = 1\nraise RuntimeError('the lesson broke here')",
+                   "record('after_failure', 2)")
+    good = _notebook(tmp_path / "03_fine.ipynb", "from qlora_lab import record\nrecord('fine', True)")
+    code = runner.main([str(nb), str(good), "--profile", "smoke", "--out", str(tmp_path / "runs"), "--no-progress"])
+    assert code == 1
+    summary = json.loads((tmp_path / "runs" / "smoke" / "summary.json").read_text())
+    bad = summary["notebooks"]["02_bad"]
+    assert bad["status"] == "failed"
+    assert bad["error"]["ename"] == "RuntimeError" and "the lesson broke here" in bad["error"]["evalue"]
+    assert "raise RuntimeError" in bad["error"]["source"]
+    assert bad["results"] == {"before_failure": 1}  # what ran before the failure is kept
+    assert summary["notebooks"]["03_fine"]["status"] == "ok"  # the run went on
+    err = capsys.readouterr().err
+    assert "02_bad failed in cell" in err and "raise RuntimeError('the lesson broke here')" in err
+
+
+def test_fail_fast_and_unknown_setting(tmp_path):
+    nb = _notebook(tmp_path / "04_x.ipynb", "from qlora_lab.runner import profile_settings\n"
+                                            "P = profile_settings(PROFILES, profile, overrides)")
+    other = _notebook(tmp_path / "05_y.ipynb", "pass")
+    code = runner.main([str(nb), str(other), "--profile", "cpu", "--set", "typo=1", "--fail-fast",
+                        "--out", str(tmp_path / "runs"), "--no-progress"])
+    summary = json.loads((tmp_path / "runs" / "cpu" / "summary.json").read_text())
+    assert code == 1 and "typo" in summary["notebooks"]["04_x"]["error"]["evalue"]
+    assert "05_y" not in summary["notebooks"]
+
+
+def test_find_notebooks_defaults_to_labs():
+    found = runner.find_notebooks()
+    assert found and all(p.parent.name == "labs" for p in found)
+    with pytest.raises(FileNotFoundError):
+        runner.find_notebooks(["labs/99_missing.ipynb"])
