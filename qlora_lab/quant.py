@@ -41,6 +41,7 @@ shared by all layers, so storage counts leave them out.
 """
 
 import copy
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -205,10 +206,13 @@ def dequantize(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     absmax = state.absmax
     if state.double_quant:
         absmax = dequantize_absmax(state.absmax, state.absmax_scale, state.absmax_code) + state.offset
-    codes = torch.stack([packed.reshape(-1) >> 4, packed.reshape(-1) & 0x0F], dim=1).reshape(-1)[:n]  # (n,)
-    values = state.code.to(packed.device)[codes.long()]  # (n,) fp32 levels
-    block = torch.arange(n, device=packed.device) // state.blocksize  # (n,) block of each value
-    return (values * absmax[block]).to(state.dtype).reshape(state.shape)
+    byte = packed.reshape(-1).long()
+    codes = torch.stack([byte >> 4, byte & 0x0F], dim=1).reshape(-1)  # (2 * bytes,): high nibble first
+    blocks = absmax.numel()
+    values = state.code.to(packed.device)[codes]  # fp32 level of each code
+    values = torch.nn.functional.pad(values, (0, blocks * state.blocksize - values.numel()))
+    values = values.view(blocks, state.blocksize) * absmax[:, None]  # (blocks, blocksize)
+    return values.reshape(-1)[:n].to(state.dtype).reshape(state.shape)
 
 
 def quantize_absmax(centered: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE,
@@ -233,8 +237,8 @@ def quantize_absmax(centered: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE,
 def dequantize_absmax(codes: torch.Tensor, scales: torch.Tensor, code: torch.Tensor,
                       blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
     """code[codes] * scale per block of 256: the centered absmax back in fp32 (before adding the mean)."""
-    block = torch.arange(codes.numel(), device=codes.device) // blocksize
-    return code[codes.long()] * scales[block]
+    values = torch.nn.functional.pad(code[codes.long()], (0, scales.numel() * blocksize - codes.numel()))
+    return (values.view(-1, blocksize) * scales[:, None]).reshape(-1)[: codes.numel()]
 
 
 # --------------------------------------------------------------------------- the rounding rules
@@ -261,7 +265,10 @@ def _nearest_codes(scaled: torch.Tensor, code_levels: torch.Tensor) -> torch.Ten
     order = torch.argsort(code_levels, stable=True)  # code of the k-th smallest level
     sorted_levels = code_levels[order]
     midpoints = (sorted_levels[:-1] + sorted_levels[1:]) / 2  # (15,) fp32
-    return order[torch.bucketize(scaled, midpoints)].to(torch.uint8)
+    index = torch.bucketize(scaled, midpoints, out_int32=True)  # rank of the nearest level
+    if torch.equal(order, torch.arange(16, device=order.device)):  # NF4, INT4: codes already in order
+        return index.to(torch.uint8)
+    return order[index].to(torch.uint8)
 
 
 def _cuda_4bit_codes(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
@@ -283,12 +290,19 @@ def _cpu_lookup_table(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     the grid point nearest to it.
     """
     size = 65536
-    grid_points = -1.0 + (2.0 * torch.arange(size, dtype=torch.float32, device=code.device)) / (size - 1)
-    midpoints = 0.5 * (code[:-1] + code[1:])
-    table = torch.bucketize(grid_points, midpoints).to(torch.uint8)  # how many midpoints lie below
+    table = _lookup_table(tuple(code.tolist()), size).to(scaled.device)
     scaled = scaled.nan_to_num(0.0).clamp(-1, 1)  # NaN only in all-zero blocks, which get code 0 anyway
     index = ((scaled + 1.0) * 0.5 * (size - 1) + 0.5).to(torch.int64)  # C's cast to an integer truncates
     return table[index]
+
+
+@functools.lru_cache(maxsize=4)
+def _lookup_table(code: tuple, size: int) -> torch.Tensor:
+    """(size,) uint8: for each grid point -1 + 2i/(size-1), how many code midpoints lie below it."""
+    code = torch.tensor(code, dtype=torch.float32)
+    grid_points = -1.0 + (2.0 * torch.arange(size, dtype=torch.float32)) / (size - 1)
+    midpoints = 0.5 * (code[:-1] + code[1:])
+    return torch.bucketize(grid_points, midpoints).to(torch.uint8)
 
 
 def _cuda_binary_search(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
