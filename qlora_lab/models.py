@@ -358,11 +358,13 @@ def load_tokenizer(spec: str = DEFAULT_MODEL):
 
 
 def load_model(spec: str = DEFAULT_MODEL, quant: str | None = "nf4", double_quant: bool = True,
-               device: str | None = None, compute_dtype: torch.dtype | None = None, seed: int = 0):
+               device: str | None = None, compute_dtype: torch.dtype | None = None, seed: int = 0,
+               attn: str | None = None):
     """Load (model, tokenizer) for a spec, in 4-bit (quant="nf4"/"fp4"), 8-bit or 16-bit (None).
 
     compute_dtype is the dtype 4-bit layers compute in and unquantized parts are stored in;
-    by default bf16 where supported, else fp16. seed only matters for random shapes.
+    by default bf16 where supported, else fp16. seed only matters for random shapes. attn
+    picks transformers' attention implementation ("sdpa", "eager"; None: its default).
     Example: model, tok = load_model("smollm2-135m", quant="nf4")  # Linear4bit layers, ~110 MB
     """
     device = str(device or default_device())
@@ -371,7 +373,7 @@ def load_model(spec: str = DEFAULT_MODEL, quant: str | None = "nf4", double_quan
     source = resolve(spec)
     if source.kind == "random":
         model = build_random_model(source.location, quant=quant, double_quant=double_quant,
-                                   device=device, compute_dtype=compute_dtype, seed=seed)
+                                   device=device, compute_dtype=compute_dtype, seed=seed, attn=attn)
         tokenizer = random_tokenizer(model.config.vocab_size)
     else:
         from transformers import AutoModelForCausalLM
@@ -379,7 +381,7 @@ def load_model(spec: str = DEFAULT_MODEL, quant: str | None = "nf4", double_quan
         checkpoint = checkpoint_for(spec)
         model = AutoModelForCausalLM.from_pretrained(
             checkpoint, dtype=compute_dtype, quantization_config=quantization_config,
-            device_map={"": device})
+            device_map={"": device}, **({"attn_implementation": attn} if attn else {}))
         tokenizer = load_tokenizer(spec)
     keep_cpu_4bit_trainable(model)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -442,7 +444,8 @@ def random_state_dict(shape: str, seed: int = 0, dtype: torch.dtype = torch.bflo
 
 
 def build_random_model(shape: str, quant: str | None = "nf4", double_quant: bool = True, device: str = "cpu",
-                       compute_dtype: torch.dtype = torch.bfloat16, seed: int = 0, blocksize: int = 64):
+                       compute_dtype: torch.dtype = torch.bfloat16, seed: int = 0, blocksize: int = 64,
+                       attn: str | None = None):
     """Build a seeded random model of a real shape directly on `device`, layer by layer.
 
     Each decoder layer is created in compute_dtype on the device, initialised, and (with
@@ -458,7 +461,9 @@ def build_random_model(shape: str, quant: str | None = "nf4", double_quant: bool
     config.dtype = compute_dtype
     std = config.initializer_range
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype,
+                                                 **({"attn_implementation": attn} if attn else {}))
+    config = model.config  # carries the attention implementation chosen above
     if device.type == "meta":  # shapes only, e.g. for counting parameters: nothing to fill or quantize
         return model
     layers = model.model.layers

@@ -1,0 +1,665 @@
+"""A VRAM budget calculator that says where every byte of a training step goes.
+
+`estimate(model="llama-2-7b", method="qlora", batch=4, seq=512, ...)` predicts the peak of
+steady-state training: the highest point of `torch.cuda.max_memory_allocated` over one step
+(forward, backward, optimizer step) once the optimizer state exists. It counts tensors
+exactly from the architecture (embeddings tied or not, grouped-query attention, MLP, norms,
+biases) and models the lab's training recipe term by term:
+
+    load (k-bit or 16-bit) -> peft prepare_model_for_kbit_training (k-bit) -> LoRA (peft)
+    -> loss = model(ids, labels=ids).loss; loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+
+The step peaks at one of a few moments, each a sum of terms (see `_phases`):
+  forward        at the loss: weights + saved activations + logits, their fp32 copy and log-softmax
+  layer-forward  with checkpointing: inside one layer's forward, its transient MLP tensors
+  loss-backward  at the start of backward: the three vocabulary-sized fp32 buffers of cross-entropy
+  layer-backward a decoder layer's backward (with checkpointing: its recomputed activations)
+  optimizer      gradients + optimizer state + the optimizer's temporaries
+  backward-end   full fine-tuning: every weight's gradient at once
+Paged optimizer state (bitsandbytes) lives in CUDA unified memory, outside PyTorch's caching
+allocator: it is reported as `paged_bytes`, not in the peak. CUDA context and allocator slack
+are `overhead_bytes`, so the prediction compares both with max_memory_allocated and with
+nvidia-smi. Every term is a function below whose docstring gives its formula and source;
+`tests/test_vram.py` checks them against hand computations, and labs/01 against GPU peaks.
+
+Shortcuts: decoder-only Llama-style architectures (Llama, Mistral, Qwen2, SmolLM2); batches of
+full-length sequences with no padding mask; the activation formulas follow transformers 5.x
+modules and PyTorch's SDPA/eager attention; a few small terms (bias-free RoPE caches, int64
+labels) are folded into `misc`. Everything is plain arithmetic: one estimate takes microseconds.
+"""
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+
+from qlora_lab import models
+
+GiB = 2**30
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+METHODS = ("full", "lora", "qlora")
+QUANTS = ("nf4", "fp4", "int8")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd", "sgd_momentum")
+ATTENTIONS = ("sdpa", "eager")
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALLOC_ROUND = 512  # PyTorch's CUDA caching allocator rounds every tensor up to a multiple of 512 bytes
+PAGED_MIN_NUMEL = 100_000  # bitsandbytes pages only state tensors of at least 1e5 elements
+BNB_8BIT_MIN_NUMEL = 4096  # bitsandbytes keeps 32-bit state for tensors smaller than this
+CUBLAS_WORKSPACE = 32 * 2**20  # cuBLAS workspace PyTorch allocates per stream on Hopper-class GPUs (CUDA only)
+CUDA_CONTEXT = 520 * 2**20  # CUDA context + kernels loaded by torch/bitsandbytes, measured on an H100 (labs/01)
+
+GPUS = {  # name -> usable memory in bytes (marketing GB as the driver reports it)
+    "T4 16GB": 15 * GiB, "L4 24GB": 22.5 * GiB, "RTX 3090 24GB": 24 * GiB, "RTX 4090 24GB": 24 * GiB,
+    "A100 40GB": 40 * GiB, "A100 80GB": 80 * GiB, "H100 80GB": 79.6 * GiB, "H200 141GB": 139.8 * GiB,
+    "48GB (paper)": 48 * GiB,
+}
+
+
+class SetupError(ValueError):
+    """A setup the calculator cannot evaluate; the message says what is allowed."""
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One training configuration: everything that decides the memory of a step."""
+
+    model: str = "llama-2-7b"  # preset shape (models.ARCHITECTURES), or a checkpoint dir / hub id
+    method: str = "qlora"  # "full" (all weights train), "lora" (16-bit base + adapters), "qlora" (k-bit base + adapters)
+    quant: str = "nf4"  # qlora base storage: "nf4" | "fp4" | "int8"
+    base_dtype: str | None = None  # storage of the weights for full/lora: "fp32" | "bf16" | "fp16" (None: full fp32, lora bf16)
+    compute_dtype: str = "bf16"  # dtype k-bit layers compute in (and unquantized parts are loaded in)
+    double_quant: bool = True  # quantize the absmax scales again (QLoRA's double quantization)
+    blocksize: int = 64  # weights per absmax scale (bitsandbytes 4-bit)
+    prepare: bool = True  # qlora: peft's prepare_model_for_kbit_training (upcasts embeddings, norms, lm_head to fp32)
+    r: int = 16  # LoRA rank
+    targets: str | tuple = "all-linear"  # LoRA target modules: "all-linear" or names like ("q_proj", "v_proj")
+    lora_dropout: float = 0.0  # LoRA dropout probability (> 0 keeps a dropped copy of each adapter input)
+    adapter_dtype: str = "fp32"  # peft stores adapters in fp32 by default (autocast_adapter_dtype=True)
+    optimizer: str = "adamw"  # "adamw" | "adamw_8bit" | "paged_adamw_8bit" | "paged_adamw_32bit" | "sgd" | "sgd_momentum"
+    batch: int = 1  # sequences per step
+    seq: int = 512  # tokens per sequence
+    checkpointing: bool = True  # gradient checkpointing of every decoder layer
+    attn: str = "sdpa"  # attention implementation: "sdpa" (flash/efficient kernels) or "eager" (keeps s x s scores)
+
+    def resolved_base_dtype(self) -> str:
+        return self.base_dtype or ("fp32" if self.method == "full" else "bf16")
+
+    def target_list(self) -> list[str]:
+        if self.targets in ("all-linear", ("all-linear",), ["all-linear"]):
+            return list(LINEARS)
+        names = self.targets.split(",") if isinstance(self.targets, str) else list(self.targets)
+        return [n.strip() for n in names if n.strip()]
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The numbers of a decoder-only transformer that memory depends on."""
+
+    name: str  # preset name or where the config came from
+    hidden: int  # d_model
+    intermediate: int  # MLP inner size
+    layers: int  # decoder layers
+    heads: int  # query heads
+    kv_heads: int  # key/value heads
+    head_dim: int  # size of one head
+    vocab: int  # vocabulary size
+    tied: bool  # lm_head shares the embedding matrix
+    qkv_bias: bool = False  # q/k/v projections have biases (Qwen2)
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each linear layer of one decoder layer."""
+        h, i, q, kv = self.hidden, self.intermediate, self.q_dim, self.kv_dim
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Exact parameter counts by kind. Example: shape("llama-2-7b").parameter_counts()["total"] -> 6738415616"""
+        per_layer_linear = sum(a * b for a, b in self.linears().values())
+        bias = (self.q_dim + 2 * self.kv_dim) if self.qkv_bias else 0
+        counts = {
+            "embedding": self.vocab * self.hidden,
+            "lm_head": 0 if self.tied else self.vocab * self.hidden,
+            "linear": self.layers * per_layer_linear,
+            "bias": self.layers * bias,
+            "norm": (2 * self.layers + 1) * self.hidden,
+        }
+        counts["total"] = sum(counts.values())
+        return counts
+
+
+def shape(model) -> Shape:
+    """The Shape of a preset name, a transformers config, or a checkpoint dir / hub id.
+
+    Example: shape("mistral-7b").kv_heads -> 8
+    """
+    if isinstance(model, Shape):
+        return model
+    if isinstance(model, str) and model in models.ARCHITECTURES:
+        a = models.ARCHITECTURES[model]
+        return Shape(model, a.hidden, a.intermediate, a.layers, a.heads, a.kv_heads, a.head_dim, a.vocab, a.tied,
+                     a.qkv_bias)
+    if isinstance(model, str):
+        from transformers import AutoConfig
+
+        try:
+            models.resolve(model)
+            config = AutoConfig.from_pretrained(models.checkpoint_for(model))
+        except (models.ModelSpecError, OSError) as err:
+            raise SetupError(f"unknown model {model!r}: use a preset ({', '.join(models.ARCHITECTURES)}), "
+                             f"a transformers config, or a checkpoint directory / hub id ({err})") from None
+        name = model
+    else:
+        config, name = model, getattr(model, "name_or_path", "") or type(model).__name__
+    try:
+        heads = config.num_attention_heads
+        return Shape(name, config.hidden_size, config.intermediate_size, config.num_hidden_layers, heads,
+                     getattr(config, "num_key_value_heads", None) or heads,
+                     getattr(config, "head_dim", None) or config.hidden_size // heads, config.vocab_size,
+                     bool(getattr(config, "tie_word_embeddings", False)),
+                     bool(getattr(config, "attention_bias", False) or config.model_type == "qwen2"))
+    except AttributeError as err:
+        raise SetupError(f"{name!r} is not a decoder-only transformer config this calculator knows ({err})") from None
+
+
+def validate(setup: Setup, sh: Shape) -> None:
+    """Raise SetupError naming what is allowed, for any input the calculator cannot honour."""
+    def bad(msg):
+        raise SetupError(msg)
+
+    if setup.method not in METHODS:
+        bad(f"method must be one of {METHODS}, got {setup.method!r}")
+    if setup.method == "qlora" and setup.quant not in QUANTS:
+        bad(f"quant must be one of {QUANTS} for qlora, got {setup.quant!r}")
+    if setup.resolved_base_dtype() not in DTYPE_BYTES or setup.compute_dtype not in DTYPE_BYTES:
+        bad(f"base_dtype and compute_dtype must be one of {tuple(DTYPE_BYTES)}")
+    if setup.optimizer not in OPTIMIZERS:
+        bad(f"optimizer must be one of {OPTIMIZERS}, got {setup.optimizer!r}")
+    if setup.attn not in ATTENTIONS:
+        bad(f"attn must be one of {ATTENTIONS}, got {setup.attn!r}")
+    for name, value in (("batch", setup.batch), ("seq", setup.seq)):
+        if not isinstance(value, int) or value <= 0:
+            bad(f"{name} must be a positive integer, got {value!r}")
+    if not 32 <= setup.blocksize <= 4096 or setup.blocksize & (setup.blocksize - 1):
+        bad(f"blocksize must be a power of two from 32 to 4096, got {setup.blocksize!r}")
+    if not 0.0 <= setup.lora_dropout < 1.0:
+        bad(f"lora_dropout must be in [0, 1), got {setup.lora_dropout!r}")
+    if setup.method != "full":
+        if not isinstance(setup.r, int) or setup.r <= 0:
+            bad(f"r must be a positive integer, got {setup.r!r}")
+        targets = setup.target_list()
+        unknown = [t for t in targets if t not in LINEARS]
+        if unknown or not targets:
+            bad(f"target modules {unknown or targets} are not in {sh.name}; it has {list(LINEARS)} (or 'all-linear')")
+        for t in targets:
+            d_in, d_out = sh.linears()[t]
+            if setup.r > min(d_in, d_out):
+                bad(f"r={setup.r} is larger than {t}'s dimensions ({d_in} -> {d_out}); use r <= {min(d_in, d_out)}")
+
+
+# --------------------------------------------------------------------------- persistent terms
+
+
+def _round(nbytes: float) -> int:
+    """Bytes the CUDA caching allocator books for one tensor: rounded up to 512."""
+    return int(math.ceil(nbytes / ALLOC_ROUND) * ALLOC_ROUND) if nbytes > 0 else 0
+
+
+def weight_bytes(setup: Setup, sh: Shape) -> int:
+    """Stored base weights, quantization constants excluded.
+
+    qlora nf4/fp4: each decoder linear of n weights is a uint8 tensor of ceil(n/2) bytes (two
+    4-bit codes per byte, bitsandbytes Params4bit); int8: n bytes (Int8Params). Everything else
+    (embeddings, lm_head when untied, norms, biases) stays unquantized: fp32 after
+    prepare_model_for_kbit_training's upcast, else the compute dtype.
+    lora/full: every parameter in the base dtype (2 bytes bf16/fp16, 4 bytes fp32).
+    Example: weight_bytes(Setup(method="lora"), shape("llama-2-7b")) -> 13_476_831_232 (2 x 6.74e9)
+    """
+    if setup.method != "qlora":
+        return sh.parameter_counts()["total"] * DTYPE_BYTES[setup.resolved_base_dtype()]
+    per_weight = 0.5 if setup.quant in ("nf4", "fp4") else 1
+    linear = sum(_round(math.ceil(a * b * per_weight)) for a, b in sh.linears().values())
+    other = 4 if setup.prepare else DTYPE_BYTES[setup.compute_dtype]
+    bias = sum(_round(n * other) for n in (sh.q_dim, sh.kv_dim, sh.kv_dim)) if sh.qkv_bias else 0
+    embeddings = _round(sh.vocab * sh.hidden * other) * (1 if sh.tied else 2)
+    return sh.layers * (linear + bias + 2 * _round(sh.hidden * other)) + _round(sh.hidden * other) + embeddings
+
+
+def quant_constant_bytes(setup: Setup, sh: Shape) -> int:
+    """Quantization constants of the k-bit linears.
+
+    4-bit, per linear of n weights, blocks = ceil(n / blocksize):
+      no double quant: absmax fp32 (4 x blocks) + the 16-value code book (64 B)
+      double quant:    absmax as uint8 (blocks B) + second-level absmax fp32 (4 x ceil(blocks/256))
+                       + 16-value code (64 B) + offset (4 B); the 256-value dynamic map is shared
+    (bitsandbytes functional.quantize_4bit; each tensor rounded up to 512 B by the allocator).
+    int8: one fp32 scale per output row (SCB).
+    Example: nf4 with double quant stores 8/64 + 32/(64*256) = 0.127 bits per weight of constants
+    """
+    if setup.method != "qlora":
+        return 0
+    total = 0
+    for d_in, d_out in sh.linears().values():
+        n = d_in * d_out
+        if setup.quant == "int8":
+            total += _round(4 * d_out)
+            continue
+        blocks = math.ceil(n / setup.blocksize)
+        if setup.double_quant:
+            total += _round(blocks) + _round(4 * math.ceil(blocks / 256)) + _round(64) + _round(4)
+        else:
+            total += _round(4 * blocks) + _round(64)
+    return total * sh.layers
+
+
+def lora_parameter_count(setup: Setup, sh: Shape) -> int:
+    """Trainable adapter parameters: r x (d_in + d_out) per targeted linear, in every layer.
+
+    Example: r=16 on all 7 linears of llama-2-7b -> 16 x (3 x 8192 + 3 x 8192 ... ) x 32 = 39,976,960
+    """
+    if setup.method == "full":
+        return 0
+    lin = sh.linears()
+    return sh.layers * sum(setup.r * (lin[t][0] + lin[t][1]) for t in setup.target_list())
+
+
+def _trainable_tensors(setup: Setup, sh: Shape) -> list[tuple[int, int]]:
+    """(numel, bytes per element) of every trainable tensor."""
+    if setup.method == "full":
+        b = DTYPE_BYTES[setup.resolved_base_dtype()]
+        lin = [(a * c, b) for a, c in sh.linears().values()]
+        tensors = lin * sh.layers + [(sh.hidden, b)] * (2 * sh.layers + 1) + [(sh.vocab * sh.hidden, b)]
+        if not sh.tied:
+            tensors.append((sh.vocab * sh.hidden, b))
+        if sh.qkv_bias:
+            tensors += [(sh.q_dim, b), (sh.kv_dim, b), (sh.kv_dim, b)] * sh.layers
+        return tensors
+    f = DTYPE_BYTES[setup.adapter_dtype]
+    lin = sh.linears()
+    per_layer = []
+    for t in setup.target_list():
+        d_in, d_out = lin[t]
+        per_layer += [(setup.r * d_in, f), (setup.r * d_out, f)]
+    return per_layer * sh.layers
+
+
+def lora_bytes(setup: Setup, sh: Shape) -> int:
+    """Adapter weights: lora_parameter_count x 4 bytes (peft keeps A and B in fp32)."""
+    if setup.method == "full":
+        return 0
+    return sum(_round(n * b) for n, b in _trainable_tensors(setup, sh))
+
+
+def gradient_bytes(setup: Setup, sh: Shape) -> int:
+    """One gradient per trainable tensor, in its dtype (LoRA: fp32 adapters only; full: every weight)."""
+    return sum(_round(n * b) for n, b in _trainable_tensors(setup, sh))
+
+
+def optimizer_bytes(setup: Setup, sh: Shape) -> tuple[int, int]:
+    """(allocator bytes, paged bytes) of optimizer state.
+
+    adamw (torch):       two states per trainable tensor in its own dtype (exp_avg, exp_avg_sq)
+    adamw_8bit (bnb):    two uint8 states + two fp32 absmax per 256-block for tensors of >= 4096
+                         elements; two fp32 states below that (bitsandbytes Optimizer2State)
+    paged_* (bnb):       the same, but state tensors of >= 1e5 elements are allocated in CUDA
+                         unified memory (F.get_paged): outside PyTorch's allocator, pageable to CPU
+    sgd: none; sgd_momentum: one momentum buffer per tensor.
+    """
+    opt = setup.optimizer
+    alloc = paged = 0
+    for n, b in _trainable_tensors(setup, sh):
+        if opt == "adamw":
+            alloc += 2 * _round(n * b)
+        elif opt == "sgd_momentum":
+            alloc += _round(n * b)
+        elif opt in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
+            eight_bit = opt != "paged_adamw_32bit" and n >= BNB_8BIT_MIN_NUMEL
+            state = n if eight_bit else 4 * n
+            if opt.startswith("paged") and n >= PAGED_MIN_NUMEL:
+                paged += 2 * state
+            else:
+                alloc += 2 * _round(state)
+            if eight_bit:
+                alloc += 2 * _round(4 * math.ceil(n / 256)) + _round(4)  # absmax1/2 + unorm_vec
+    return alloc, paged
+
+
+def optimizer_temp_bytes(setup: Setup, sh: Shape, device: str = "cuda") -> int:
+    """Temporaries of one optimizer step.
+
+    torch AdamW's foreach implementation (the default on CUDA) computes sqrt(exp_avg_sq) for
+    all tensors at once into new tensors: one more copy of the state's size. On CPU it loops
+    over tensors (no such copy); bitsandbytes' fused kernels and SGD update in place.
+    """
+    if setup.optimizer != "adamw" or device != "cuda":
+        return 0
+    return sum(_round(n * b) for n, b in _trainable_tensors(setup, sh))
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def stream_bytes(setup: Setup) -> int:
+    """Bytes per element of the hidden states between layers.
+
+    qlora with prepare_model_for_kbit_training: 4 — the embeddings are upcast to fp32, so the
+    residual stream is fp32 (the 4-bit layers cast their input to the compute dtype and their
+    output back). Otherwise the dtype of the weights.
+    """
+    if setup.method == "qlora":
+        return 4 if setup.prepare else DTYPE_BYTES[setup.compute_dtype]
+    return DTYPE_BYTES[setup.resolved_base_dtype()]
+
+
+def layer_activation_bytes(setup: Setup, sh: Shape, device: str = "cuda") -> dict[str, int]:
+    """Bytes autograd saves for backward in one decoder layer, per token, by part (no checkpointing).
+
+    With a = stream bytes, f = adapter bytes (4), h/q/kv/I = hidden/query/kv/intermediate sizes,
+    s = sequence length, n = query heads:
+      norms      2 x (4h + 4): RMSNorm saves an fp32 copy of its input (the input itself when
+                 already fp32) and 1/rms; trainable norms (full) also save the normalised a*h
+      attention  sdpa: q, k, v and the output, a*(2q + 2kv), + fp32 logsumexp per head (4n);
+                 eager: q and k, v repeated to every head (3aq) + the softmax probabilities,
+                 s*n*4 in fp32, plus their cast copy s*n*a when the stream is 16-bit
+      mlp        SiLU saves gate (aI); the product saves silu(gate) and up: 3aI
+      inputs     what the consumers of each linear's input keep. full: every base linear saves
+                 its input for its weight gradient (the two norm outputs, the MLP product, and
+                 the attention output, which sdpa already saved). LoRA/QLoRA: each targeted
+                 lora_A saves its input cast to fp32 — one shared tensor per input when the
+                 stream is already fp32, one copy per module otherwise; lora_B saves lora_A's
+                 output (f*r)
+      dropout    lora_dropout > 0: per targeted module a dropped copy (f * d_in) and the mask
+                 (bool on CUDA, 1 byte; fp32 on CPU, 4 bytes)
+    Example: layer_activation_bytes(Setup(), shape("smollm2-135m"))["total"] -> 40_324 (QLoRA r=16, fp32 stream)
+    """
+    a, f = stream_bytes(setup), DTYPE_BYTES[setup.adapter_dtype]
+    h, q, kv, inter, s, n = sh.hidden, sh.q_dim, sh.kv_dim, sh.intermediate, setup.seq, sh.heads
+    sdpa = setup.attn == "sdpa"
+    parts = {"norms": 2 * (4 * h + 4) + (2 * a * h if setup.method == "full" else 0)}
+    if sdpa:
+        parts["attention"] = a * (2 * q + 2 * kv) + 4 * n
+    else:
+        parts["attention"] = 3 * a * q + s * n * (4 + (a if a != 4 else 0))
+    parts["mlp"] = 3 * a * inter
+    if setup.method == "full":
+        parts["inputs"] = a * (2 * h + inter + (0 if sdpa else q))
+        return {**parts, "total": sum(parts.values())}
+    targets = set(setup.target_list())
+    d_in = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": q, "gate_proj": h, "up_proj": h, "down_proj": inter}
+    mask = 1 if device == "cuda" else 4
+    inputs = dropout = 0
+    for group in (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)):
+        hit = [t for t in group if t in targets]
+        if not hit:
+            continue
+        width = d_in[hit[0]]
+        if setup.lora_dropout > 0:
+            dropout += len(hit) * (f + mask) * width
+        elif a == f:
+            inputs += 0 if (group == ("o_proj",) and sdpa) else f * width  # sdpa saved the o_proj input already
+        else:
+            inputs += len(hit) * f * width
+    parts["inputs"] = inputs + len(targets) * f * setup.r
+    if dropout:
+        parts["dropout"] = dropout
+    return {**parts, "total": sum(parts.values())}
+
+
+def activation_bytes(setup: Setup, sh: Shape, device: str = "cuda") -> int:
+    """Saved activations of the whole forward (logits and loss excluded), for batch x seq tokens.
+
+    No checkpointing: layers x layer_activation_bytes + the final norm (4h + 4).
+    Checkpointing (transformers, non-reentrant, one checkpoint per decoder layer): each layer
+    keeps only its input, a x h per token; the final norm as above.
+    """
+    t = setup.batch * setup.seq
+    a = stream_bytes(setup)
+    final_norm = 4 * sh.hidden + 4 + (a * sh.hidden if setup.method == "full" else 0)
+    per_layer = a * sh.hidden if setup.checkpointing else layer_activation_bytes(setup, sh, device)["total"]
+    return t * (sh.layers * per_layer + final_norm)
+
+
+def logits_bytes(setup: Setup, sh: Shape) -> dict[str, int]:
+    """The vocabulary-sized tensors of the loss, for batch x seq tokens (t) and vocab V.
+
+    logits:     t x V in the lm_head's dtype (fp32 after prepare's upcast, else the weights' dtype)
+    fp32 copy:  transformers' ForCausalLMLoss calls logits.float(): a t x V x 4 copy unless already fp32
+    log-softmax output: t x V x 4, saved by cross_entropy for backward
+    backward:   nll_loss's gradient and log_softmax's gradient, each t x V x 4
+    """
+    t, v = setup.batch * setup.seq, sh.vocab
+    a_l = stream_bytes(setup) if setup.method != "qlora" or not setup.prepare else 4
+    return {"logits": t * v * a_l, "fp32 copy": 0 if a_l == 4 else t * v * 4, "log-softmax": t * v * 4,
+            "grad buffers": 2 * t * v * 4}
+
+
+def layer_forward_temp_bytes(setup: Setup, sh: Shape) -> int:
+    """Transient tensors inside one checkpointed layer's forward (nothing is saved there).
+
+    The MLP holds gate, silu(gate), up and their product at once (4 x a x t x I); a k-bit
+    projection adds its 16-bit output before the cast back (2tI) and a dequantized weight;
+    16-bit LoRA adds the fp32 copy of the down projection's input for its adapter.
+    """
+    t, a = setup.batch * setup.seq, stream_bytes(setup)
+    temp = 4 * a * t * sh.intermediate
+    if setup.method == "qlora":
+        temp += 2 * t * sh.intermediate + 2 * max(d_in * d_out for d_in, d_out in sh.linears().values())
+    elif setup.method == "lora" and "down_proj" in setup.target_list() and a != DTYPE_BYTES[setup.adapter_dtype]:
+        temp += DTYPE_BYTES[setup.adapter_dtype] * t * sh.intermediate
+    return temp
+
+
+def layer_backward_temp_bytes(setup: Setup, sh: Shape) -> int:
+    """Transient gradient buffers while one decoder layer runs backward (peaking in its MLP).
+
+    The gradients of the MLP's intermediate tensors (t x I each) coexist for a moment: the
+    down projection's input gradient from the base layer (computed in 16-bit, cast to the
+    stream dtype) and from the adapter, their sum, and the gradients of silu(gate) and up,
+    while the saved inputs they consume are released: about (a + 4) bytes per t x I element,
+    as measured with measure.LiveTensorBytes. A k-bit projection is dequantized for its input
+    gradient: one 16-bit copy of the largest weight (bitsandbytes MatMul4Bit.backward).
+    """
+    t = setup.batch * setup.seq
+    temp = t * sh.intermediate * (stream_bytes(setup) + 4)
+    if setup.method == "qlora":
+        temp += 2 * max(d_in * d_out for d_in, d_out in sh.linears().values())
+    return temp
+
+
+# --------------------------------------------------------------------------- the estimate
+
+
+@dataclass
+class Estimate:
+    """A predicted training-step peak and where its bytes go."""
+
+    setup: Setup  # what was estimated
+    shape: Shape  # the architecture's numbers
+    terms: dict = field(default_factory=dict)  # bytes by term at the peak moment
+    phases: dict = field(default_factory=dict)  # predicted allocated peak of each moment
+    peak_allocated_bytes: int = 0  # predicted torch.cuda.max_memory_allocated over a step
+    peak_phase: str = ""  # which moment sets the peak
+    paged_bytes: int = 0  # optimizer state in CUDA unified memory (not in the peak, can spill to CPU)
+    overhead_bytes: int = 0  # CUDA context + allocator slack: add to compare with nvidia-smi
+    params: dict = field(default_factory=dict)  # parameter counts (total, trainable)
+
+    @property
+    def device_bytes(self) -> int:
+        """What nvidia-smi would show at the peak: allocated + paged + overhead."""
+        return self.peak_allocated_bytes + self.paged_bytes + self.overhead_bytes
+
+    def fits(self, gpu: str) -> bool:
+        """Whether the step fits a GPU from GPUS (its memory against device_bytes).
+
+        Example: estimate("llama-2-7b", method="qlora").fits("T4 16GB") -> True
+        """
+        if gpu not in GPUS:
+            raise SetupError(f"unknown GPU {gpu!r}; known: {', '.join(GPUS)}")
+        return self.device_bytes <= GPUS[gpu]
+
+    def to_dict(self) -> dict:
+        return {"peak_allocated_bytes": self.peak_allocated_bytes, "paged_bytes": self.paged_bytes,
+                "overhead_bytes": self.overhead_bytes, "device_bytes": self.device_bytes,
+                "peak_phase": self.peak_phase, "terms": dict(self.terms), "phases": dict(self.phases),
+                "params": dict(self.params), "setup": asdict(self.setup), "model_shape": asdict(self.shape)}
+
+    def table(self) -> str:
+        """The breakdown as a text table (what the CLI prints)."""
+        s = self.setup
+        head = (f"{s.model}  {s.method}" + (f" {s.quant}{'+dq' if s.double_quant else ''}" if s.method == "qlora" else
+                                            f" {s.resolved_base_dtype()}")
+                + (f"  r={s.r} targets={s.targets}" if s.method != "full" else "")
+                + f"  {s.optimizer}  batch={s.batch} seq={s.seq}  checkpointing={'on' if s.checkpointing else 'off'}")
+        rows = [head, f"{'term':<22}{'GiB':>10}"]
+        rows += [f"{k:<22}{v / GiB:>10.3f}" for k, v in self.terms.items()]
+        rows += [f"{'peak allocated':<22}{self.peak_allocated_bytes / GiB:>10.3f}   (at {self.peak_phase})",
+                 f"{'paged optimizer':<22}{self.paged_bytes / GiB:>10.3f}   (CUDA unified memory)",
+                 f"{'CUDA overhead':<22}{self.overhead_bytes / GiB:>10.3f}   (context + allocator slack)",
+                 f"{'device total':<22}{self.device_bytes / GiB:>10.3f}   (compare with nvidia-smi)",
+                 f"trainable {self.params['trainable']:,} of {self.params['total']:,} parameters"]
+        return "\n".join(rows)
+
+
+def _phases(setup: Setup, sh: Shape, device: str = "cuda") -> dict[str, dict[str, int]]:
+    """Bytes by term at each candidate peak moment of a step."""
+    t = setup.batch * setup.seq
+    persistent = {"weights": weight_bytes(setup, sh), "quant_constants": quant_constant_bytes(setup, sh),
+                  "lora_params": lora_bytes(setup, sh), "optimizer": optimizer_bytes(setup, sh)[0]}
+    if device == "cuda":
+        persistent["cuda_workspace"] = CUBLAS_WORKSPACE
+    acts = activation_bytes(setup, sh, device)
+    lg = logits_bytes(setup, sh)
+    grads = gradient_bytes(setup, sh)
+    layer = layer_activation_bytes(setup, sh, device)["total"] * t
+    phases = {
+        "forward": {**persistent, "activations": acts, "logits": lg["logits"] + lg["fp32 copy"] + lg["log-softmax"]},
+        "loss-backward": {**persistent, "activations": acts, "logits": lg["log-softmax"] + lg["grad buffers"]},
+        # adapters: the top layer, all saved activations still alive (with checkpointing: plus its
+        # recomputed activations); full fine-tuning: the bottom layer, every gradient already there
+        "layer-backward": ({**persistent, "activations": acts + (layer if setup.checkpointing else 0),
+                            "temporaries": layer_backward_temp_bytes(setup, sh), "gradients": grads // sh.layers}
+                           if setup.method != "full" else
+                           {**persistent, "activations": layer, "temporaries": layer_backward_temp_bytes(setup, sh),
+                            "gradients": grads}),
+        "optimizer": {**persistent, "gradients": grads, "temporaries": optimizer_temp_bytes(setup, sh, device)},
+    }
+    if setup.checkpointing:  # inside a checkpointed layer's forward: only the checkpoints are kept
+        phases["layer-forward"] = {**persistent, "activations": acts, "temporaries": layer_forward_temp_bytes(setup, sh)}
+    if setup.method == "full":
+        # every weight has its gradient by the end of backward; a tied embedding's gradient arrives
+        # twice (lm_head and embedding backward): one more V x h gradient and the sum of the two
+        tied = 2 * _round(sh.vocab * sh.hidden * DTYPE_BYTES[setup.resolved_base_dtype()]) if sh.tied else 0
+        phases["backward-end"] = {**persistent, "gradients": grads, "temporaries": tied}
+    return phases
+
+
+def estimate(model="llama-2-7b", device: str = "cuda", **kwargs) -> Estimate:
+    """Predict the peak memory of a training step. Keyword arguments are the fields of Setup.
+
+    model is a preset name, a transformers config, a checkpoint dir / hub id, or a Shape.
+    device="cpu" drops the CUDA-only terms (cuBLAS workspace, context), to compare with
+    measure.measure on a CPU.
+    Example: estimate("llama-2-7b", method="qlora", batch=4, seq=512).peak_allocated_bytes / 2**30 -> ~5.9
+    """
+    sh = shape(model)
+    setup = Setup(model=model if isinstance(model, str) else sh.name, **kwargs)
+    validate(setup, sh)
+    phases = _phases(setup, sh, device)
+    totals = {name: sum(terms.values()) for name, terms in phases.items()}
+    peak_phase = max(totals, key=totals.get)
+    counts = sh.parameter_counts()
+    trainable = lora_parameter_count(setup, sh) if setup.method != "full" else counts["total"]
+    est = Estimate(setup=setup, shape=sh, terms=phases[peak_phase], phases=totals,
+                   peak_allocated_bytes=totals[peak_phase], peak_phase=peak_phase,
+                   paged_bytes=optimizer_bytes(setup, sh)[1],
+                   params={"total": counts["total"] + trainable * (setup.method != "full"), "trainable": trainable})
+    est.overhead_bytes = CUDA_CONTEXT + int(0.05 * est.peak_allocated_bytes) if device == "cuda" else 0
+    return est
+
+
+# --------------------------------------------------------------------------- solvers
+
+
+def max_batch(gpu: str, **kwargs) -> int:
+    """The largest batch size whose step fits `gpu` (0 if not even batch 1 fits). Binary search.
+
+    Example: max_batch("T4 16GB", model="llama-2-7b", method="qlora", seq=512) -> 12
+    """
+    return _solve("batch", gpu, kwargs)
+
+
+def max_seq(gpu: str, **kwargs) -> int:
+    """The longest sequence length whose step fits `gpu` (0 if none does)."""
+    return _solve("seq", gpu, kwargs)
+
+
+def _solve(name: str, gpu: str, kwargs: dict, limit: int = 1 << 20) -> int:
+    if gpu not in GPUS:
+        raise SetupError(f"unknown GPU {gpu!r}; known: {', '.join(GPUS)}")
+    kwargs = {k: v for k, v in kwargs.items() if k != name}
+
+    def fits(n):
+        return estimate(**kwargs, **{name: n}).fits(gpu)
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # invariant: fits(lo), not fits(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m qlora_lab vram --model llama-2-7b --method qlora --batch 4 --seq 512 [--json]"""
+    p = argparse.ArgumentParser(prog="python -m qlora_lab vram", description="Predict the peak memory of a training step.")
+    d = Setup()
+    p.add_argument("--model", default=d.model, help=f"preset ({', '.join(models.ARCHITECTURES)}), dir or hub id")
+    p.add_argument("--method", default=d.method, choices=METHODS)
+    p.add_argument("--quant", default=d.quant, choices=QUANTS)
+    p.add_argument("--base-dtype", default=None, choices=tuple(DTYPE_BYTES))
+    p.add_argument("--compute-dtype", default=d.compute_dtype, choices=tuple(DTYPE_BYTES))
+    p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=d.double_quant)
+    p.add_argument("--blocksize", type=int, default=d.blocksize)
+    p.add_argument("--prepare", action=argparse.BooleanOptionalAction, default=d.prepare,
+                   help="qlora: prepare_model_for_kbit_training (fp32 upcast of unquantized parts)")
+    p.add_argument("--r", type=int, default=d.r)
+    p.add_argument("--targets", default="all-linear", help="comma list (q_proj,v_proj) or all-linear")
+    p.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
+    p.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS)
+    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=d.checkpointing)
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--seq", type=int, default=d.seq)
+    p.add_argument("--attn", default=d.attn, choices=ATTENTIONS)
+    p.add_argument("--gpu", default=None, help=f"also say whether it fits: {', '.join(GPUS)}")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = vars(p.parse_args(argv))
+    as_json, gpu = args.pop("json"), args.pop("gpu")
+    args = {k.replace("-", "_"): v for k, v in args.items()}
+    try:
+        est = estimate(**args)
+    except SetupError as err:
+        print(f"error: {err}")
+        return 2
+    if as_json:
+        print(json.dumps(est.to_dict(), indent=1))
+    else:
+        print(est.table())
+        if gpu:
+            print(f"fits {gpu}: {'yes' if est.fits(gpu) else 'no'}")
+    return 0
