@@ -24,7 +24,7 @@ differently, so `quantize` follows the rules of the device its input is on (or t
 you name, to see the other device's rounding on a CPU):
 
 - CPU (PyTorch kernel): values are scaled by 1/absmax (the last, partial block is divided by
-  absmax instead); the nearest level wins and an exact tie goes to the lower level; for FP4
+  absmax instead, and stores 1e-38 as its absmax when it is all zeros); the nearest level wins and an exact tie goes to the lower level; for FP4
   a tiny positive value gets the code of -0 and a tiny negative one the code of +0 (the sort
   order of the two zeros). The 8-bit absmax code of double quantization goes through a
   65,536-entry lookup table, so a value within ~1.5e-5 of a midpoint can get the farther code.
@@ -49,8 +49,8 @@ import torch
 QUANT_TYPES = ("nf4", "fp4", "int4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes accepts for 4-bit
 NESTED_BLOCKSIZE = 256  # blocksize of the second-level (8-bit) quantization of absmax
-# NF4's outermost quantile: 1 - delta with delta = (1/32 + 1/30) / 2, halfway between the tail
-# probabilities of 16 and 15 equal bins; Q(1) would be infinite.
+# NF4's outermost quantile sits at probability 1 - delta, delta = (1/32 + 1/30) / 2 = 0.0322917 (the mean of
+# half a 1/16 and half a 1/15 probability bin): bitsandbytes' constant; Q(1) itself would be infinite.
 NF4_OFFSET = 0.9677083
 # CUDA's FP4 decision thresholds on |x| (bitsandbytes csrc dQuantizeFP4), with the magnitude
 # code each interval gets: |x| <= 0.00260417 -> 0b000 (0), ... , |x| > 0.8333333 -> 0b011 (1)
@@ -200,19 +200,27 @@ def quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
 def dequantize(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     """Undo quantize: level[code] * absmax per block, in the original shape and dtype.
 
-    Example: w2 = dequantize(*quantize(w, "nf4")); (w - w2).abs().max() <= w.abs().max() * 0.15
+    Example: w2 = dequantize(*quantize(w, "nf4")); (w - w2).abs().max() <= w.abs().max() * 0.16
     """
     n = state.shape.numel()
     absmax = state.absmax
     if state.double_quant:
         absmax = dequantize_absmax(state.absmax, state.absmax_scale, state.absmax_code) + state.offset
-    byte = packed.reshape(-1).long()
-    codes = torch.stack([byte >> 4, byte & 0x0F], dim=1).reshape(-1)  # (2 * bytes,): high nibble first
+    codes = unpack(packed).long()  # (2 * bytes,)
     blocks = absmax.numel()
     values = state.code.to(packed.device)[codes]  # fp32 level of each code
     values = torch.nn.functional.pad(values, (0, blocks * state.blocksize - values.numel()))
     values = values.view(blocks, state.blocksize) * absmax[:, None]  # (blocks, blocksize)
     return values.reshape(-1)[:n].to(state.dtype).reshape(state.shape)
+
+
+def unpack(packed: torch.Tensor, numel: int | None = None) -> torch.Tensor:
+    """The 4-bit codes in a packed tensor, first value from the high nibble; numel drops the padding code.
+
+    Example: unpack(torch.tensor([[0x7F]], dtype=torch.uint8)) -> tensor([7, 15], dtype=torch.uint8)
+    """
+    byte = packed.reshape(-1)
+    return torch.stack([byte >> 4, byte & 0x0F], dim=1).reshape(-1)[:numel]
 
 
 def quantize_absmax(centered: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE,
@@ -383,7 +391,7 @@ def model_storage(model) -> dict:
 
     Counts packed weight bytes, absmax (fp32, or uint8 + nested fp32 absmax + offset with double
     quantization) per layer. Example: model_storage(nf4_model) -> {"params": 106168320,
-    "bytes": 54767880, "bits_per_param": 4.127, "layers": 210}
+    "bytes": 54770040, "bits_per_param": 4.12703, "layers": 210}
     """
     params = stored = layers = 0
     for module in model.modules():
@@ -398,6 +406,79 @@ def model_storage(model) -> dict:
             stored += state.state2.absmax.numel() * state.state2.absmax.element_size() + state.offset.element_size()
     return {"params": params, "bytes": stored, "bits_per_param": 8 * stored / params if params else float("nan"),
             "layers": layers}
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def block_scaled(w: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
+    """w flattened and divided by its block's absmax: what the code book has to cover, in [-1, 1].
+
+    Example: block_scaled(torch.tensor([0.5, -2.0] * 32)).unique() -> tensor([-1.0000, 0.2500])
+    """
+    x = w.detach().reshape(-1).float()
+    blocks = -(-x.numel() // blocksize)
+    grid = torch.nn.functional.pad(x, (0, blocks * blocksize - x.numel())).view(blocks, blocksize)
+    absmax = grid.abs().amax(dim=1, keepdim=True).clamp(min=1e-38)
+    return (grid / absmax).reshape(-1)[: x.numel()]
+
+
+def distinct_per_block(w: torch.Tensor, blocksize: int = 32) -> torch.Tensor:
+    """(blocks,) how many distinct values each block of consecutive values holds.
+
+    A tensor that went through a 4-bit format with this blocksize has at most 16 per block.
+    Example: distinct_per_block(torch.tensor([1.0, 1.0, 2.0, 3.0]), 2) -> tensor([1, 2])
+    """
+    x = w.detach().reshape(-1)
+    x = x[: x.numel() // blocksize * blocksize].view(-1, blocksize).sort(dim=1).values
+    return 1 + (x.diff(dim=1) != 0).sum(dim=1)
+
+
+def error_stats(w: torch.Tensor, quant_type: str, blocksize: int = 64, double_quant: bool = False) -> dict:
+    """Quantize and dequantize w; return sums that add up across tensors (see summarize_errors).
+
+    Keys: n (values), sq_err and sq_w (sums of squared error and of squared weights, fp64),
+    max_abs (largest |error|), max_rel (largest |error| / its block's absmax), codes ((16,) use
+    count of each code), bytes (stored_bytes). Example: error_stats(w, "nf4")["sq_err"] / w.numel() -> MSE
+    """
+    packed, state = quantize(w, quant_type, blocksize, double_quant)
+    x = w.detach().reshape(-1).float()  # (n,)
+    err = (dequantize(packed, state).reshape(-1).float() - x).abs()  # (n,)
+    blocks = -(-x.numel() // blocksize)
+    pad = blocks * blocksize - x.numel()
+    absmax = torch.nn.functional.pad(x.abs(), (0, pad)).view(blocks, blocksize).amax(dim=1, keepdim=True)
+    rel = torch.nn.functional.pad(err, (0, pad)).view(blocks, blocksize) / absmax.clamp(min=1e-30)  # (blocks, blocksize)
+    codes = unpack(packed, x.numel()).long()
+    return {"n": x.numel(), "sq_err": err.double().pow(2).sum().item(), "sq_w": x.double().pow(2).sum().item(),
+            "max_abs": err.max().item(), "max_rel": rel.max().item(),
+            "codes": torch.bincount(codes, minlength=16).cpu(), "bytes": stored_bytes(packed, state)}
+
+
+def summarize_errors(stats: list[dict]) -> dict:
+    """Combine error_stats of several tensors: MSE, SQNR in dB, worst |error|, bits per parameter, code use.
+
+    SQNR = 10 log10(sum w^2 / sum error^2): how far the signal stands above the quantization noise.
+    Example: summarize_errors([error_stats(w, "nf4") for w in weights]) -> {"mse": 3.3e-4, "sqnr_db": 20.5, ...}
+    """
+    import math
+
+    n = sum(s["n"] for s in stats)
+    sq_err, sq_w = sum(s["sq_err"] for s in stats), sum(s["sq_w"] for s in stats)
+    codes = sum(s["codes"] for s in stats)
+    return {"mse": sq_err / n, "sqnr_db": 10 * math.log10(sq_w / sq_err) if sq_err else float("inf"),
+            "max_abs": max(s["max_abs"] for s in stats), "max_rel": max(s["max_rel"] for s in stats),
+            "bits_per_param": 8 * sum(s["bytes"] for s in stats) / n, "code_share": (codes / codes.sum()).tolist(),
+            "n": n}
+
+
+def entropy_bits(shares) -> float:
+    """Shannon entropy of code use in bits: 4.0 when all 16 codes are used equally often.
+
+    Example: entropy_bits([1 / 16] * 16) -> 4.0
+    """
+    import math
+
+    return -sum(p * math.log2(p) for p in shares if p > 0)
 
 
 # --------------------------------------------------------------------------- whole models

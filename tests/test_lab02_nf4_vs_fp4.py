@@ -1,0 +1,28 @@
+"""Lab 02 (NF4 vs FP4) under the smoke profile: what it recorded, checked against what must hold."""
+
+import math
+
+import pytest
+from labrun import run_lab
+
+
+@pytest.mark.notebooks
+def test_lab02_smoke():
+    r = run_lab("02_nf4_vs_fp4")
+    assert r["bitexact_vs_bnb"] is True and r["bitexact_cases"] >= 20
+    if r["model_source"] == "default":  # the packaged SmolLM2 was a Q4_1 GGUF: <= 16 values per block of 32
+        assert r["max_distinct_per_32_block"] <= 16
+    # on real (and on normal) weights NF4 has the lowest error and the most even code use
+    assert r["nf4_mse"] < r["int4_mse"] and r["nf4_mse"] < r["fp4_mse"]
+    assert r["nf4_sqnr_db"] > r["fp4_sqnr_db"] and r["nf4_sqnr_db"] > r["int4_sqnr_db"]
+    assert 3.5 < r["nf4_code_entropy_bits"] <= 4 and r["nf4_code_entropy_bits"] > r["fp4_code_entropy_bits"]
+    mse = {int(b): v for b, v in r["nf4_mse_by_blocksize"].items()}
+    assert [mse[b] for b in sorted(mse)] == sorted(mse.values())  # bigger blocks, bigger error
+    # storage from the stored tensors: 4 + 32/64 bits without double quantization, 4 + 8/64 + 32/(64*256) with it
+    assert r["bits_per_param_no_dq"] == 4.5
+    assert abs(r["bits_per_param_dq"] - 4.127) < 1e-3
+    assert 0.28 < r["dq_saving_gb_7b"] < 0.32 and 2.9 < r["dq_saving_gb_65b"] < 3.1  # paper: ~3 GB on 65B
+    for fmt in ("bf16", "nf4", "fp4", "int4"):
+        assert math.isfinite(r[f"eval_loss_{fmt}"]) and r[f"eval_loss_{fmt}"] > 0
+    assert r["closest_to_bf16"] in ("nf4", "fp4", "int4")
+    assert r["bnb_2d_dequant_values_differing"] >= 0
