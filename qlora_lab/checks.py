@@ -114,11 +114,12 @@ def is_cpu_repacked(p: torch.Tensor) -> bool:
     return bool(getattr(getattr(p, "quant_state", None), "packing_format_for_cpu", False))
 
 
-def fingerprint(p: torch.Tensor) -> dict:
+def fingerprint(p: torch.Tensor, canonical: bool = False) -> dict:
     """Hashes of everything that defines a frozen tensor's values.
 
-    4-bit: the packed bytes and each part of the quant state, plus a `canonical` hash that
-    is the same before and after bitsandbytes' CPU inference repack. Others: the bytes.
+    4-bit: the packed bytes and each part of the quant state; with canonical=True also a
+    `canonical` hash that is the same before and after bitsandbytes' CPU inference repack.
+    Others: the bytes.
     Example: fingerprint(q_proj.weight) -> {"layout": "standard", "packed bytes": "9c1e...", "absmax": ..., ...}
     """
     state = getattr(p, "quant_state", None)
@@ -129,28 +130,34 @@ def fingerprint(p: torch.Tensor) -> dict:
     if state.nested:
         parts.update({"nested absmax": digest(state.state2.absmax), "nested code": digest(state.state2.code),
                       "offset": digest(state.offset)})
-    parts["canonical"] = _canonical_4bit_digest(p)
+    if canonical:
+        parts["canonical"] = canonical_digest(p.data, state)
     return parts
 
 
-def _canonical_4bit_digest(p) -> str:
+def canonical_digest(packed: torch.Tensor, state) -> str:
     """Hash of (4-bit codes in the standard packed order, per-block absmax rounded to bf16).
 
     bitsandbytes' CPU repack reorders the codes (losslessly) and replaces the (nested)
-    absmax by its dequantized value in bf16, so both layouts map to the same pair.
+    absmax by its dequantized value in bf16, so both layouts map to the same pair. In the
+    standard layout the codes are the packed bytes themselves.
     """
     from bitsandbytes import functional as bnbf
 
-    state = p.quant_state
-    if is_cpu_repacked(p):
-        codes, _ = bnbf._convert_weight_packed_for_cpu_inverse(p.data.clone(), copy.deepcopy(state))
-        absmax = state.absmax.T.reshape(-1)  # stored as (blocks per row, rows) in bf16
-    else:
-        codes, absmax = p.data, state.absmax
-        if state.nested:
-            absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
-        absmax = absmax.float().to(torch.bfloat16)
-    return digest(codes) + digest(absmax)
+    if getattr(state, "packing_format_for_cpu", False):
+        codes, _ = bnbf._convert_weight_packed_for_cpu_inverse(packed.clone(), copy.deepcopy(state))
+        return digest(codes) + digest(state.absmax.T.reshape(-1))  # absmax stored (blocks per row, rows) in bf16
+    return digest(packed) + _absmax_digest(state)
+
+
+def _absmax_digest(state) -> str:
+    """The per-block scales of a standard-layout quant state, dequantized and rounded to bf16, hashed."""
+    from bitsandbytes import functional as bnbf
+
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    return digest(absmax.float().to(torch.bfloat16))
 
 
 def same_values(before: dict, after: dict) -> bool:
@@ -189,6 +196,7 @@ class OnlyLoraReport:
     steps: int  # training steps run (1, or 2 when A needed a second step to show it learns)
     lora_stats: dict  # step-1 story: counts of LoRA A/B tensors by what happened to them
     notes: list[str]  # explanations that are not failures (e.g. A at step 1)
+    error: str | None = None  # the exception the step raised ("RuntimeError: ..."), if it raised
 
     @property
     def ok(self) -> bool:
@@ -331,6 +339,9 @@ def check_only_lora_trains(model, optimizer, step_fn, allow: tuple[str, ...] = A
 
     hooks = [p.register_post_accumulate_grad_hook(watch(n)) for n, (p, _) in params.items() if p.requires_grad]
     before_base = {n: fingerprint(params[n][0]) for n in base}
+    saved = {n: (params[n][0].data.clone() if is_cpu_repacked(params[n][0]) else None,  # to compare canonically
+                 copy.deepcopy(params[n][0].quant_state))  # if the step changes a layer's layout (CPU repack)
+             for n in base if before_base[n]["layout"] != "plain"}
     watched = sorted(trainable & expected_trainable)  # adapters (and declared parts) that should move
     before = {n: params[n][0].detach().clone() for n in watched}
     losses, error = [], None
@@ -362,12 +373,19 @@ def check_only_lora_trains(model, optimizer, step_fn, allow: tuple[str, ...] = A
     for h in hooks:
         h.remove()
     after_base = {n: fingerprint(params[n][0]) for n in base}
+    for n in base:  # a layout change (CPU repack) during the step: compare in the canonical layout
+        if before_base[n]["layout"] != after_base[n]["layout"]:
+            data, state = saved[n]
+            before_base[n]["canonical"] = (before_base[n]["packed bytes"] + _absmax_digest(state) if data is None
+                                           else canonical_digest(data, state))
+            after_base[n]["canonical"] = canonical_digest(params[n][0].data, params[n][0].quant_state)
 
     if error is not None:
         message = _explain_step_error(error)
         for name in ("base unchanged", "LoRA moved", "no gradient on frozen", "4-bit gradient path"):
             checks.append(Check(name, False, "not measured: the step failed", [message] if name == "LoRA moved" else []))
-        return OnlyLoraReport(checks, counts, ratio, losses, steps, {}, notes)
+        return OnlyLoraReport(checks, counts, ratio, losses, steps, {}, notes,
+                              error=f"{type(error).__name__}: {error}".splitlines()[0])
 
     # 3. base unchanged
     changed = [n for n in base if not same_values(before_base[n], after_base[n])]
@@ -446,7 +464,7 @@ def check_only_lora_trains(model, optimizer, step_fn, allow: tuple[str, ...] = A
                         f"{len(graded)} of {len(base)} base tensors received a gradient", problems))
 
     # 6. 4-bit layers keep their gradient path (bitsandbytes CPU inference repack)
-    repacked_now = [n for n in base if after_base[n]["layout"] == "cpu-inference"]
+    repacked_now = [n for n in base if "cpu-inference" in (before_base[n]["layout"], after_base[n]["layout"])]
     problems = [f"{len(repacked_now)} 4-bit layer(s) are repacked for CPU inference ({_short(repacked_now)}): "
                 f"their matmul passes no gradient to its input, so every layer below gets wrong gradients. "
                 f"An eval pass with bitsandbytes' AVX512-BF16 path on did this; call "
@@ -475,15 +493,19 @@ def training_step(model, optimizer, batch: dict) -> float:
 
 
 def loss_curve(model, optimizer, batch: dict, steps: int, losses=()) -> list[float]:
-    """Train on one batch until `steps` losses exist (continuing `losses`), then add the loss after the last step.
+    """The loss on one batch after 0, 1, ..., `steps` updates, continuing the `losses` of steps already run.
 
-    Overfitting one batch is the quickest symptom meter: a healthy setup drives this loss
-    down within a few steps. Example: loss_curve(model, opt, batch, 4, report.losses) -> [1.81, 1.06, 0.64, 0.30, 0.12]
+    `losses[i]` is the loss before update i+1 (what training_step returns); missing updates
+    are trained, and the loss after the last one is a forward pass without training.
+    Overfitting one batch is the quickest symptom meter: a healthy setup drives it down.
+    Example: loss_curve(model, opt, batch, 3, report.losses) -> [1.81, 1.06, 0.64, 0.30]
     """
-    losses = list(losses)
+    losses = list(losses)[: steps + 1]
     while len(losses) < steps:
         losses.append(training_step(model, optimizer, batch))
-    return losses + [batch_loss(model, batch)]
+    if len(losses) == steps:
+        losses.append(batch_loss(model, batch))
+    return losses
 
 
 @torch.no_grad()

@@ -224,3 +224,28 @@ def plot_eval_losses(losses: dict, baseline: str = "bf16"):
     ax.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
     return fig
+
+
+# ---- lab 04: only LoRA trains
+
+
+def plot_setup_losses(curves: dict[str, list[float]], title: str = "Loss on one batch per training setup"):
+    """One line per training setup: its loss on a single repeated batch after 0, 1, 2, ... optimizer steps.
+
+    A healthy setup falls; one that trains nothing stays flat; wrong gradients fall slowly.
+    Example: plot_setup_losses({"correct": [1.8, 1.1, 0.6], "optimizer built before LoRA": [1.8, 1.8, 1.8]})
+    """
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for name, losses in curves.items():
+        ax.plot(range(len(losses)), losses, marker="o", label=name,
+                linewidth=3 if name == "correct" else 1.5, zorder=3 if name == "correct" else 2)
+    ax.set_xlabel("optimizer steps taken on the batch")
+    ax.set_ylabel("loss on the batch (nats per answer token)")
+    ax.set_title(title)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

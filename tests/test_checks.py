@@ -181,6 +181,7 @@ def test_reentrant_checkpointing_without_input_grads_is_explained(base):
         warnings.simplefilter("ignore")  # torch: "None of the inputs have requires_grad=True"
         report = run(peft_model, optimizer, batch)
     assert not report.ok and "use_reentrant=True" in " ".join(report.failures)
+    assert report.error.startswith("RuntimeError") and "does not require grad" in report.error
     assert checks.describe_setup(peft_model)["input embeddings output requires grad"] is False
 
 
@@ -246,17 +247,17 @@ needs_avx512bf16 = pytest.mark.skipif(not bnb.functional.has_avx512bf16(),
 def test_cpu_repack_keeps_values_and_the_canonical_fingerprint(base):
     model, _, _ = base
     layer = model.model.layers[0].mlp.up_proj.to("cpu")
-    before = checks.fingerprint(layer.weight)
+    before = checks.fingerprint(layer.weight, canonical=True)
     layer.support_avx512bf16_for_cpu = True
     layer.eval()
     with torch.no_grad():
         layer(torch.randn(1, 64, dtype=torch.bfloat16))  # repacks in place
-    after = checks.fingerprint(layer.weight)
+    after = checks.fingerprint(layer.weight, canonical=True)
     assert checks.is_cpu_repacked(layer.weight) and after["layout"] == "cpu-inference"
     assert before["packed bytes"] != after["packed bytes"] and before["canonical"] == after["canonical"]
     assert checks.same_values(before, after)
     layer.weight.data.view(-1)[0] ^= 0x0F  # now a real change
-    assert not checks.same_values(before, checks.fingerprint(layer.weight))
+    assert not checks.same_values(before, checks.fingerprint(layer.weight, canonical=True))
 
 
 @needs_avx512bf16
