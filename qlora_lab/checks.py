@@ -395,19 +395,19 @@ def check_only_lora_trains(model, optimizer, step_fn, allow: tuple[str, ...] = A
         parts = sorted({p for n in changed for p in changed_parts(before_base[n], after_base[n])})
         problems.append(f"{len(changed)} base tensor(s) changed during the step ({', '.join(parts)}): {_short(changed)}. "
                         f"Something besides LoRA is being trained.")
-    if repacked:
-        notes.append(f"{len(repacked)} 4-bit weight(s) were repacked into bitsandbytes' CPU inference layout during "
-                     f"the step; their values are unchanged (compared in a canonical layout).")
+    same = [n for n in repacked if n not in changed]
+    if same:
+        notes.append(f"{len(same)} 4-bit weight(s) changed layout during the step (bitsandbytes' CPU inference "
+                     f"repack) with unchanged values (compared in a canonical layout): not training.")
     n4 = sum(before_base[n]["layout"] != "plain" for n in base)
     checks.append(Check("base unchanged", not changed,
                         f"{len(base) - len(changed)} of {len(base)} base tensors bit-identical "
                         f"({n4} 4-bit: packed bytes + quant state hashed)", problems))
 
     # 4. LoRA moved (with the step-1 story for A)
-    should_move = watched
     stuck, stats = [], {"A": 0, "B": 0, "A zero grad at step 1": len(deferred), "A moved at step 1": 0,
                         "A moved by weight decay only": 0, "A moved at step 2": 0, "B moved at step 1": 0}
-    for n in should_move:
+    for n in watched:
         moved1 = not torch.equal(before[n], after1[n])
         kind = "A" if lora_partner(n) else ("B" if is_adapter[n] and ("lora_B" in n or "lora_embedding_B" in n) else None)
         if kind:
@@ -437,7 +437,7 @@ def check_only_lora_trains(model, optimizer, step_fn, allow: tuple[str, ...] = A
         if not moved1:
             reason = "got no gradient" if grads1.get(n, 0.0) == 0.0 else "got a gradient but did not change (lr 0?)"
             stuck.append((n, reason))
-    problems = [] if should_move else ["no trainable LoRA adapter exists, so nothing can learn: the step ran "
+    problems = [] if watched else ["no trainable LoRA adapter exists, so nothing can learn: the step ran "
                                        "and changed nothing."]
     for reason in sorted({r for _, r in stuck}):
         names = [n for n, r in stuck if r == reason]
@@ -451,9 +451,10 @@ def check_only_lora_trains(model, optimizer, step_fn, allow: tuple[str, ...] = A
                      f"zero; {how}. " + (f"At step 2, {stats['A moved at step 2']} of them got a gradient and moved."
                                          if steps == 2 else "No second step was run to see them learn."))
     checks.append(Check("LoRA moved", not problems,
-                        f"{len(should_move) - len(stuck)} of {len(should_move)} trainable tensors moved "
-                        f"(B at step 1: {stats['B moved at step 1']}/{stats['B']}; A: "
-                        f"{stats['A moved at step 1']} at step 1, {stats['A moved at step 2']} at step 2)", problems))
+                        f"{len(watched) - len(stuck)} of {len(watched)} trainable tensors moved "
+                        f"(B at step 1: {stats['B moved at step 1']}/{stats['B']}; A at step 1: {stats['A moved at step 1']}/"
+                        f"{stats['A']}, {stats['A moved by weight decay only']} by weight decay only; A at step 2: "
+                        f"{stats['A moved at step 2']})", problems))
 
     # 5. no gradient on frozen (base) parameters
     graded = sorted(n for n in base if grads1.get(n, 0.0) > 0 or grads2.get(n, 0.0) > 0

@@ -20,9 +20,12 @@ def plot_setup_losses(curves: dict[str, list[float]], title: str = "Loss on one 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    for name, losses in curves.items():
-        ax.plot(range(len(losses)), losses, marker="o", label=name,
-                linewidth=3 if name == "correct" else 1.5, zorder=3 if name == "correct" else 2)
+    styles = ["--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)), (0, (8, 2))]  # identical curves stay visible
+    markers = "sv^Dxo+"
+    for i, (name, losses) in enumerate(curves.items()):
+        main = name == "correct"
+        ax.plot(range(len(losses)), losses, label=name, linewidth=3.5 if main else 1.6, zorder=1 if main else 2,
+                linestyle="-" if main else styles[i % len(styles)], marker="o" if main else markers[i % len(markers)])
     ax.set_xlabel("optimizer steps taken on the batch")
     ax.set_ylabel("loss on the batch (nats per answer token)")
     ax.set_title(title)
@@ -222,30 +225,5 @@ def plot_eval_losses(losses: dict, baseline: str = "bf16"):
     ax.set_ylabel("eval loss (nats per answer token)")
     ax.set_title("What 4-bit storage does to the model")
     ax.tick_params(axis="x", labelsize=8)
-    fig.tight_layout()
-    return fig
-
-
-# ---- lab 04: only LoRA trains
-
-
-def plot_setup_losses(curves: dict[str, list[float]], title: str = "Loss on one batch per training setup"):
-    """One line per training setup: its loss on a single repeated batch after 0, 1, 2, ... optimizer steps.
-
-    A healthy setup falls; one that trains nothing stays flat; wrong gradients fall slowly.
-    Example: plot_setup_losses({"correct": [1.8, 1.1, 0.6], "optimizer built before LoRA": [1.8, 1.8, 1.8]})
-    """
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    for name, losses in curves.items():
-        ax.plot(range(len(losses)), losses, marker="o", label=name,
-                linewidth=3 if name == "correct" else 1.5, zorder=3 if name == "correct" else 2)
-    ax.set_xlabel("optimizer steps taken on the batch")
-    ax.set_ylabel("loss on the batch (nats per answer token)")
-    ax.set_title(title)
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

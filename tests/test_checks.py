@@ -175,7 +175,8 @@ def test_reentrant_checkpointing_without_input_grads_is_explained(base):
     model, _, batch = base
     peft_model = get_peft_model(model, lora.lora_config(r=R))  # no prepare_model_for_kbit_training
     peft_model.gradient_checkpointing_enable({"use_reentrant": True})
-    peft_model.disable_input_require_grads()  # what transformers < 4.35 left you with
+    if hasattr(peft_model.get_base_model(), "_require_grads_hook"):  # newer transformers add input grads
+        peft_model.get_base_model().disable_input_require_grads()  # what transformers < 4.35 left you with
     optimizer = torch.optim.AdamW(lora.trainable_parameters(peft_model), lr=1e-3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch: "None of the inputs have requires_grad=True"
@@ -281,7 +282,7 @@ def test_eval_pass_with_the_cpu_repack_on_is_caught(base):
     assert {"4-bit gradient path", "LoRA moved"} <= failed(report)
     text = "\n".join(report.failures)
     assert "14 4-bit layer(s) are repacked" in text and "got no gradient" in text
-    assert "repacked into bitsandbytes' CPU inference layout" in " ".join(report.notes)
+    assert "14 4-bit weight(s) changed layout during the step" in " ".join(report.notes)
 
 
 # --------------------------------------------------------------------------- names
