@@ -1,6 +1,7 @@
 """Command line: `python -m qlora_lab run ...` (the papermill runner) and friends.
 
     python -m qlora_lab run [NOTEBOOK ...] --profile smoke|cpu|gpu --out runs/
+    python -m qlora_lab vram --model llama-2-7b --method qlora --batch 4 --seq 512 [--json]
     python -m qlora_lab env [--check]           # versions and device; --check: exit 1 if a requirement is missing
     python -m qlora_lab model [SPEC]            # resolve (and for the default, convert) a model
     python -m qlora_lab strip NOTEBOOK ...      # remove outputs and execution counts
@@ -11,7 +12,8 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"run": "run lab notebooks with papermill", "env": "print versions and device",
+    commands = {"run": "run lab notebooks with papermill", "vram": "predict the memory of a training step",
+                "env": "print versions and device",
                 "model": "resolve a model spec and print where it lives",
                 "strip": "remove outputs from notebooks"}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
@@ -19,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
         print("commands: " + ", ".join(f"{k} ({v})" for k, v in commands.items()))
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     command, rest = argv[0], argv[1:]
+    if command == "vram":
+        from qlora_lab import vram
+
+        return vram.main(rest)
     if command == "run":
         from qlora_lab import runner
 

@@ -97,11 +97,21 @@ def _live_tensors():
     return [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.device.type != "meta"]
 
 
-def live_tensor_bytes(device: str = "cpu") -> int:
-    """Bytes of all distinct tensor storages alive on a device (weights, states, buffers...)."""
+def owned_tensor_bytes(model, optimizer=None, *extra: torch.Tensor) -> int:
+    """Bytes of the distinct storages a training run owns: parameters (with 4-bit quant states),
+    buffers, optimizer state and any extra tensors (the batch). Other tensors in the process
+    (an earlier model a notebook still holds, say) are not counted."""
+    tensors = list(model.parameters()) + list(model.buffers()) + list(extra)
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        while state is not None:
+            tensors += [t for t in (state.absmax, state.code, getattr(state, "offset", None)) if isinstance(t, torch.Tensor)]
+            state = getattr(state, "state2", None)
+    for per_param in getattr(optimizer, "state", {}).values():
+        tensors += [v for v in per_param.values() if isinstance(v, torch.Tensor)]
     seen = {}
-    for t in _live_tensors():
-        if t.device.type == torch.device(device).type:
+    for t in tensors:
+        if t.device.type != "meta":
             storage = t.untyped_storage()
             seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())
@@ -182,8 +192,9 @@ def measure(setup, steps: int = 2, device: str | None = None, seed: int = 0) -> 
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    gc.collect()  # tensors of earlier runs held only by reference cycles must not count as this one's
     model, optimizer = build(setup, str(device), seed)
-    after_load = torch.cuda.memory_allocated() if cuda else live_tensor_bytes("cpu")
+    after_load = torch.cuda.memory_allocated() if cuda else owned_tensor_bytes(model)
     gen = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size if hasattr(model, "config") else model.base_model.config.vocab_size
     input_ids = torch.randint(0, vocab, (setup.batch, setup.seq), generator=gen).to(device)
@@ -226,7 +237,7 @@ def measure(setup, steps: int = 2, device: str | None = None, seed: int = 0) -> 
         free, total = torch.cuda.mem_get_info()
         result.device_used_bytes = total - free
     else:
-        base = live_tensor_bytes("cpu")
+        base = owned_tensor_bytes(model, optimizer, input_ids)
         result.after["load"], result.after["start"] = after_load, base
         live = LiveTensorBytes()
         with live:

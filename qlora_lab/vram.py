@@ -49,7 +49,8 @@ ALLOC_ROUND = 512  # PyTorch's CUDA caching allocator rounds every tensor up to 
 PAGED_MIN_NUMEL = 100_000  # bitsandbytes pages only state tensors of at least 1e5 elements
 BNB_8BIT_MIN_NUMEL = 4096  # bitsandbytes keeps 32-bit state for tensors smaller than this
 CUBLAS_WORKSPACE = 32 * 2**20  # cuBLAS workspace PyTorch allocates per stream on Hopper-class GPUs (CUDA only)
-CUDA_CONTEXT = 520 * 2**20  # CUDA context + kernels loaded by torch/bitsandbytes, measured on an H100 (labs/01)
+CUDA_CONTEXT = 750 * 2**20  # CUDA context + kernels of torch/cuBLAS/bitsandbytes: device use minus reserved, H100 (tests/data)
+ALLOCATOR_SLACK = 0.15  # reserved / allocated - 1 at the peak: 7-32 % measured on an H100; 15 % assumed
 
 GPUS = {  # name -> usable memory in bytes (marketing GB as the driver reports it)
     "T4 16GB": 15 * GiB, "L4 24GB": 22.5 * GiB, "RTX 3090 24GB": 24 * GiB, "RTX 4090 24GB": 24 * GiB,
@@ -273,36 +274,34 @@ def lora_parameter_count(setup: Setup, sh: Shape) -> int:
     return sh.layers * sum(setup.r * (lin[t][0] + lin[t][1]) for t in setup.target_list())
 
 
-def _trainable_tensors(setup: Setup, sh: Shape) -> list[tuple[int, int]]:
-    """(numel, bytes per element) of every trainable tensor."""
+def _trainable_tensors(setup: Setup, sh: Shape) -> list[tuple[int, int, int]]:
+    """(numel, bytes per element, how many such tensors) for every kind of trainable tensor."""
     if setup.method == "full":
         b = DTYPE_BYTES[setup.resolved_base_dtype()]
-        lin = [(a * c, b) for a, c in sh.linears().values()]
-        tensors = lin * sh.layers + [(sh.hidden, b)] * (2 * sh.layers + 1) + [(sh.vocab * sh.hidden, b)]
-        if not sh.tied:
-            tensors.append((sh.vocab * sh.hidden, b))
+        tensors = [(a * c, b, sh.layers) for a, c in sh.linears().values()]
+        tensors += [(sh.hidden, b, 2 * sh.layers + 1), (sh.vocab * sh.hidden, b, 1 if sh.tied else 2)]
         if sh.qkv_bias:
-            tensors += [(sh.q_dim, b), (sh.kv_dim, b), (sh.kv_dim, b)] * sh.layers
+            tensors += [(sh.q_dim, b, sh.layers), (sh.kv_dim, b, 2 * sh.layers)]
         return tensors
     f = DTYPE_BYTES[setup.adapter_dtype]
     lin = sh.linears()
-    per_layer = []
+    tensors = []
     for t in setup.target_list():
         d_in, d_out = lin[t]
-        per_layer += [(setup.r * d_in, f), (setup.r * d_out, f)]
-    return per_layer * sh.layers
+        tensors += [(setup.r * d_in, f, sh.layers), (setup.r * d_out, f, sh.layers)]
+    return tensors
 
 
 def lora_bytes(setup: Setup, sh: Shape) -> int:
     """Adapter weights: lora_parameter_count x 4 bytes (peft keeps A and B in fp32)."""
     if setup.method == "full":
         return 0
-    return sum(_round(n * b) for n, b in _trainable_tensors(setup, sh))
+    return sum(k * _round(n * b) for n, b, k in _trainable_tensors(setup, sh))
 
 
 def gradient_bytes(setup: Setup, sh: Shape) -> int:
     """One gradient per trainable tensor, in its dtype (LoRA: fp32 adapters only; full: every weight)."""
-    return sum(_round(n * b) for n, b in _trainable_tensors(setup, sh))
+    return sum(k * _round(n * b) for n, b, k in _trainable_tensors(setup, sh))
 
 
 def optimizer_bytes(setup: Setup, sh: Shape) -> tuple[int, int]:
@@ -317,20 +316,20 @@ def optimizer_bytes(setup: Setup, sh: Shape) -> tuple[int, int]:
     """
     opt = setup.optimizer
     alloc = paged = 0
-    for n, b in _trainable_tensors(setup, sh):
+    for n, b, k in _trainable_tensors(setup, sh):
         if opt == "adamw":
-            alloc += 2 * _round(n * b)
+            alloc += k * 2 * _round(n * b)
         elif opt == "sgd_momentum":
-            alloc += _round(n * b)
+            alloc += k * _round(n * b)
         elif opt in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
             eight_bit = opt != "paged_adamw_32bit" and n >= BNB_8BIT_MIN_NUMEL
             state = n if eight_bit else 4 * n
             if opt.startswith("paged") and n >= PAGED_MIN_NUMEL:
-                paged += 2 * state
+                paged += k * 2 * state
             else:
-                alloc += 2 * _round(state)
+                alloc += k * 2 * _round(state)
             if eight_bit:
-                alloc += 2 * _round(4 * math.ceil(n / 256)) + _round(4)  # absmax1/2 + unorm_vec
+                alloc += k * (2 * _round(4 * math.ceil(n / 256)) + _round(4))  # absmax1/2 + unorm_vec
     return alloc, paged
 
 
@@ -343,7 +342,7 @@ def optimizer_temp_bytes(setup: Setup, sh: Shape, device: str = "cuda") -> int:
     """
     if setup.optimizer != "adamw" or device != "cuda":
         return 0
-    return sum(_round(n * b) for n, b in _trainable_tensors(setup, sh))
+    return gradient_bytes(setup, sh)  # one temporary per state tensor, same sizes as the gradients
 
 
 # --------------------------------------------------------------------------- activations
@@ -361,6 +360,23 @@ def stream_bytes(setup: Setup) -> int:
     return DTYPE_BYTES[setup.resolved_base_dtype()]
 
 
+def attention_kernel(setup: Setup, sh: Shape, device: str = "cuda") -> str:
+    """Which attention computation runs: "fused" (flash / memory-efficient / CPU flash) or "scores".
+
+    "scores" materialises the s x s attention probabilities: eager attention always, and
+    PyTorch's SDPA on CUDA when the stream is fp32 and the model uses grouped-query attention:
+    flash attention needs 16-bit inputs and the memory-efficient kernel does not take GQA, so
+    SDPA falls back to its math kernel. That is QLoRA after prepare_model_for_kbit_training
+    (fp32 stream) on Llama-3, Mistral, Qwen2 or SmolLM2 (measured on an H100, torch 2.11).
+    Example: attention_kernel(Setup(model="mistral-7b"), shape("mistral-7b")) -> "scores"
+    """
+    if setup.attn == "eager":
+        return "scores"
+    if device == "cuda" and stream_bytes(setup) == 4 and sh.kv_heads < sh.heads:
+        return "scores"
+    return "fused"
+
+
 def layer_activation_bytes(setup: Setup, sh: Shape, device: str = "cuda") -> dict[str, int]:
     """Bytes autograd saves for backward in one decoder layer, per token, by part (no checkpointing).
 
@@ -368,9 +384,10 @@ def layer_activation_bytes(setup: Setup, sh: Shape, device: str = "cuda") -> dic
     s = sequence length, n = query heads:
       norms      2 x (4h + 4): RMSNorm saves an fp32 copy of its input (the input itself when
                  already fp32) and 1/rms; trainable norms (full) also save the normalised a*h
-      attention  sdpa: q, k, v and the output, a*(2q + 2kv), + fp32 logsumexp per head (4n);
-                 eager: q and k, v repeated to every head (3aq) + the softmax probabilities,
-                 s*n*4 in fp32, plus their cast copy s*n*a when the stream is 16-bit
+      attention  fused kernels: q, k, v and the output, a*(2q + 2kv), + fp32 logsumexp per head;
+                 with scores (eager, or SDPA's math fallback, see attention_kernel): q and k, v
+                 repeated to every head (3aq) + the softmax probabilities, s*n*4 in fp32, plus
+                 their cast copy s*n*a when the stream is 16-bit
       mlp        SiLU saves gate (aI); the product saves silu(gate) and up: 3aI
       inputs     what the consumers of each linear's input keep. full: every base linear saves
                  its input for its weight gradient (the two norm outputs, the MLP product, and
@@ -384,7 +401,7 @@ def layer_activation_bytes(setup: Setup, sh: Shape, device: str = "cuda") -> dic
     """
     a, f = stream_bytes(setup), DTYPE_BYTES[setup.adapter_dtype]
     h, q, kv, inter, s, n = sh.hidden, sh.q_dim, sh.kv_dim, sh.intermediate, setup.seq, sh.heads
-    sdpa = setup.attn == "sdpa"
+    sdpa = attention_kernel(setup, sh, device) == "fused"
     parts = {"norms": 2 * (4 * h + 4) + (2 * a * h if setup.method == "full" else 0)}
     if sdpa:
         parts["attention"] = a * (2 * q + 2 * kv) + 4 * n
@@ -583,7 +600,7 @@ def estimate(model="llama-2-7b", device: str = "cuda", **kwargs) -> Estimate:
                    peak_allocated_bytes=totals[peak_phase], peak_phase=peak_phase,
                    paged_bytes=optimizer_bytes(setup, sh)[1],
                    params={"total": counts["total"] + trainable * (setup.method != "full"), "trainable": trainable})
-    est.overhead_bytes = CUDA_CONTEXT + int(0.05 * est.peak_allocated_bytes) if device == "cuda" else 0
+    est.overhead_bytes = CUDA_CONTEXT + int(ALLOCATOR_SLACK * est.peak_allocated_bytes) if device == "cuda" else 0
     return est
 
 
@@ -620,6 +637,27 @@ def _solve(name: str, gpu: str, kwargs: dict, limit: int = 1 << 20) -> int:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
+
+
+def closest_setups(target_gib: float, model: str, grid: dict, top: int = 3, **fixed) -> list[tuple[float, Estimate]]:
+    """Settings from a grid whose device total (what nvidia-smi shows) is closest to a claim.
+
+    grid maps Setup fields to candidate values; every combination is estimated (a few
+    thousand take well under a second). Returns (GiB, estimate) pairs, closest first.
+    Example: closest_setups(6, "llama-2-7b", {"batch": [1, 2, 4], "seq": [256, 512]}, method="qlora")[0][0] -> ~6.0
+    """
+    import itertools
+
+    keys = list(grid)
+    found = []
+    for values in itertools.product(*(grid[k] for k in keys)):
+        try:
+            est = estimate(model, **fixed, **dict(zip(keys, values)))
+        except SetupError:
+            continue
+        found.append((est.device_bytes / GiB, est))
+    found.sort(key=lambda pair: abs(pair[0] - target_gib))
+    return found[:top]
 
 
 # --------------------------------------------------------------------------- CLI

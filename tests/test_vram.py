@@ -1,0 +1,195 @@
+"""qlora_lab.vram: each term against a hand computation, the solvers, bad input, the CLI,
+and the whole estimate against measurements: live tensor bytes on this CPU, and the H100
+peaks recorded in tests/data (a run of labs/01's gpu profile measures them afresh)."""
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlora_lab import measure, models, vram
+
+GPU_DATA = json.loads((Path(__file__).parent / "data" / "h100_training_peaks.json").read_text())
+LLAMA7 = vram.shape("llama-2-7b")
+
+
+def test_shape_counts_match_the_model_table():
+    for name in models.ARCHITECTURES:
+        model = models.build_random_model(name, quant=None, device="meta")
+        assert vram.shape(name).parameter_counts()["total"] == models.count_parameters(model)["total"], name
+
+
+def test_shape_from_a_transformers_config():
+    sh = vram.shape(models.arch_config("mistral-7b"))
+    assert (sh.hidden, sh.kv_heads, sh.head_dim, sh.vocab, sh.tied) == (4096, 8, 128, 32000, False)
+
+
+def test_weights_by_hand():
+    # 16-bit LoRA: every parameter in 2 bytes
+    assert vram.weight_bytes(vram.Setup(method="lora"), LLAMA7) == 6_738_415_616 * 2
+    # QLoRA NF4: half a byte per linear weight + fp32 embeddings, lm_head and norms
+    linear = 32 * (4096 * 4096 * 4 + 4096 * 11008 * 3)
+    fp32 = (2 * 32000 * 4096 + 65 * 4096) * 4
+    assert vram.weight_bytes(vram.Setup(method="qlora"), LLAMA7) == pytest.approx(linear / 2 + fp32, abs=32 * 7 * 512)
+
+
+def test_quant_constants_are_the_papers_bits_per_weight():
+    linear = 32 * (4096 * 4096 * 4 + 4096 * 11008 * 3)
+    dq = vram.quant_constant_bytes(vram.Setup(double_quant=True), LLAMA7) * 8 / linear
+    plain = vram.quant_constant_bytes(vram.Setup(double_quant=False), LLAMA7) * 8 / linear
+    assert dq == pytest.approx(8 / 64 + 32 / (64 * 256), abs=1e-3)  # 0.127 bits
+    assert plain == pytest.approx(32 / 64, abs=1e-3)  # 0.5 bits
+
+
+def test_lora_parameters_by_hand():
+    per_layer = 16 * ((4096 + 4096) * 4 + (4096 + 11008) * 3)
+    assert vram.lora_parameter_count(vram.Setup(r=16), LLAMA7) == 32 * per_layer == 39_976_960
+    qv = vram.Setup(r=8, targets=("q_proj", "v_proj"))
+    assert vram.lora_parameter_count(qv, LLAMA7) == 32 * 8 * (8192 + 8192)
+
+
+def test_optimizer_state_by_hand():
+    setup = vram.Setup(r=16, optimizer="adamw")
+    assert vram.optimizer_bytes(setup, LLAMA7) == (2 * 4 * 39_976_960, 0)  # two fp32 moments (all tensors 512-aligned)
+    eight = vram.optimizer_bytes(vram.Setup(r=16, optimizer="adamw_8bit"), LLAMA7)[0]
+    assert 2 * 39_976_960 < eight < 2.1 * 39_976_960  # one byte per moment + block scales
+    alloc, paged = vram.optimizer_bytes(vram.Setup(r=64, optimizer="paged_adamw_32bit"), LLAMA7)
+    # A: 64 x 4096 = 262,144 elements >= 1e5 -> paged; every tensor here is paged
+    assert paged == 2 * 4 * vram.lora_parameter_count(vram.Setup(r=64), LLAMA7) and alloc == 0
+    assert vram.optimizer_bytes(vram.Setup(optimizer="sgd"), LLAMA7) == (0, 0)
+
+
+def test_logits_terms_by_hand():
+    setup = vram.Setup(batch=2, seq=100)
+    lg = vram.logits_bytes(setup, LLAMA7)
+    assert lg == {"logits": 200 * 32000 * 4, "fp32 copy": 0, "log-softmax": 200 * 32000 * 4,
+                  "grad buffers": 2 * 200 * 32000 * 4}
+    lg16 = vram.logits_bytes(vram.Setup(method="lora", batch=2, seq=100), LLAMA7)
+    assert lg16["logits"] == 200 * 32000 * 2 and lg16["fp32 copy"] == 200 * 32000 * 4
+
+
+def test_layer_activations_by_hand():
+    sh = vram.shape("smollm2-135m")  # h 576, q 576, kv 192, I 1536, 9 heads
+    qlora = vram.layer_activation_bytes(vram.Setup(model="smollm2-135m", r=16), sh, device="cpu")
+    # fp32 stream: norms 2(4h+4), attention 4(2q+2kv)+4*9, MLP 3*4I, shared adapter inputs h (qkv) + h (gate/up)
+    # + I (down) in fp32, lora_B inputs 7 * 4r
+    assert qlora["total"] == 2 * (4 * 576 + 4) + 4 * (2 * 576 + 2 * 192) + 36 + 12 * 1536 + 4 * (576 + 576 + 1536) + 7 * 64
+    lora = vram.layer_activation_bytes(vram.Setup(model="smollm2-135m", method="lora", r=16), sh, device="cpu")
+    # bf16 stream: each of the 7 adapters keeps its own fp32 copy of its input
+    assert lora["inputs"] == 4 * (5 * 576 + 576 + 1536) + 7 * 64
+    with_ckpt = vram.activation_bytes(vram.Setup(model="smollm2-135m", batch=3, seq=10), sh)
+    assert with_ckpt == 30 * (30 * 4 * 576 + 4 * 576 + 4)  # one fp32 hidden state per layer + final norm
+
+
+def test_attention_falls_back_to_scores_for_fp32_gqa_on_cuda():
+    mistral, llama2 = vram.shape("mistral-7b"), vram.shape("llama-2-7b")
+    assert vram.attention_kernel(vram.Setup(model="mistral-7b"), mistral) == "scores"
+    assert vram.attention_kernel(vram.Setup(model="mistral-7b"), mistral, device="cpu") == "fused"
+    assert vram.attention_kernel(vram.Setup(model="mistral-7b", method="lora"), mistral) == "fused"
+    assert vram.attention_kernel(vram.Setup(), llama2) == "fused"
+    assert vram.attention_kernel(vram.Setup(attn="eager"), llama2) == "scores"
+
+
+def test_checkpointing_and_size_move_the_peak_the_right_way():
+    base = dict(model="llama-2-7b", method="qlora", batch=2, seq=1024)
+    on, off = vram.estimate(**base), vram.estimate(**base, checkpointing=False)
+    assert off.peak_allocated_bytes > 2 * on.peak_allocated_bytes
+    peaks = [vram.estimate(**{**base, "seq": s}).peak_allocated_bytes for s in (256, 512, 1024, 2048)]
+    assert peaks == sorted(peaks)
+    methods = [vram.estimate(**{**base, "method": m}).peak_allocated_bytes for m in ("qlora", "lora", "full")]
+    assert methods == sorted(methods)
+    paged = vram.estimate(**base, optimizer="paged_adamw_8bit", r=64)
+    assert paged.paged_bytes > 0 and paged.device_bytes == paged.peak_allocated_bytes + paged.paged_bytes + paged.overhead_bytes
+
+
+def test_solvers_find_the_boundary():
+    kwargs = dict(model="llama-2-7b", method="qlora", seq=512)
+    b = vram.max_batch("T4 16GB", **kwargs)
+    assert b >= 1
+    assert vram.estimate(batch=b, **kwargs).fits("T4 16GB")
+    assert not vram.estimate(batch=b + 1, **kwargs).fits("T4 16GB")
+    s = vram.max_seq("RTX 4090 24GB", model="llama-2-13b", method="qlora", batch=1)
+    assert vram.estimate("llama-2-13b", method="qlora", batch=1, seq=s).fits("RTX 4090 24GB")
+    assert not vram.estimate("llama-2-13b", method="qlora", batch=1, seq=s + 1).fits("RTX 4090 24GB")
+    assert vram.max_batch("T4 16GB", model="llama-65b", method="lora", seq=512) == 0
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(batch=0), "batch must be a positive integer"),
+    (dict(seq=-5), "seq must be a positive integer"),
+    (dict(r=0), "r must be a positive integer"),
+    (dict(r=8192), "larger than"),
+    (dict(targets=("q_proj", "qkv_proj")), "not in"),
+    (dict(method="prefix"), "method must be one of"),
+    (dict(optimizer="adam9"), "optimizer must be one of"),
+    (dict(quant="nf3"), "quant must be one of"),
+    (dict(blocksize=48), "blocksize"),
+])
+def test_bad_input_says_what_is_allowed(bad, message):
+    with pytest.raises(vram.SetupError, match=message):
+        vram.estimate("llama-2-7b", **bad)
+
+
+def test_unknown_model_and_gpu():
+    with pytest.raises(vram.SetupError, match="llama-2-7b"):
+        vram.estimate("llama-5-1t")
+    with pytest.raises(vram.SetupError, match="T4 16GB"):
+        vram.estimate("llama-2-7b").fits("GTX 970")
+
+
+def test_cli_json(capsys):
+    from qlora_lab.__main__ import main
+
+    assert main(["vram", "--model", "llama-2-7b", "--method", "qlora", "--batch", "4", "--seq", "512", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["peak_allocated_bytes"] == vram.estimate("llama-2-7b", batch=4, seq=512).peak_allocated_bytes
+    assert {"weights", "quant_constants", "lora_params", "gradients", "optimizer", "activations"} <= set(out["terms"])
+    assert {"paged_bytes", "overhead_bytes"} <= set(out)
+    assert main(["vram", "--model", "llama-2-7b", "--batch", "0"]) == 2
+    assert "batch must be a positive integer" in capsys.readouterr().out
+    assert main(["vram", "--model", "llama-2-7b", "--targets", "q_proj,v_proj", "--no-checkpointing",
+                 "--optimizer", "paged_adamw_8bit", "--gpu", "T4 16GB"]) == 0
+    assert "fits T4 16GB" in capsys.readouterr().out
+
+
+def test_estimate_matches_recorded_h100_peaks():
+    """Within 10 % of every measured peak, median within 5 % (recorded H100 run; see meta)."""
+    errors = []
+    for row in GPU_DATA["measurements"]:
+        predicted = vram.estimate(**row["config"]).peak_allocated_bytes
+        errors.append(abs(predicted / row["peak_allocated_bytes"] - 1))
+    assert len(errors) >= 12
+    assert max(errors) <= 0.10 and statistics.median(errors) <= 0.05, errors
+
+
+@pytest.mark.parametrize("config", [
+    dict(method="qlora", batch=2, seq=32),
+    dict(method="qlora", batch=2, seq=32, checkpointing=False, lora_dropout=0.1),
+    dict(method="lora", batch=1, seq=48, checkpointing=False, targets=("q_proj", "v_proj")),
+    dict(method="full", base_dtype="bf16", batch=2, seq=32),
+    dict(method="qlora", batch=2, seq=32, attn="eager", optimizer="adamw_8bit"),
+], ids=["qlora", "qlora-dropout", "lora-qv", "full", "eager-8bit"])
+def test_estimate_matches_cpu_measurement(tiny_shape, config):
+    """The calculator (device='cpu') against live tensor bytes of real steps on this CPU."""
+    measured = measure.measure(vram.Setup(model=tiny_shape, **config), device="cpu")
+    predicted = vram.estimate(tiny_shape, device="cpu", **config)
+    assert predicted.peak_allocated_bytes == pytest.approx(measured.peak_allocated_bytes, rel=0.05)
+    assert measured.loss > 0 and math.isfinite(measured.loss)
+
+
+def test_measure_refuses_a_single_step(tiny_shape):
+    with pytest.raises(ValueError, match="2 steps"):
+        measure.measure(vram.Setup(model=tiny_shape), steps=1, device="cpu")
+
+
+@pytest.mark.gpu
+def test_paged_state_lives_outside_the_allocator():
+    before = torch.cuda.memory_allocated()
+    result = measure.measure(vram.Setup(model="llama-3.2-1b", r=64, optimizer="paged_adamw_32bit", batch=1, seq=128))
+    predicted = vram.estimate("llama-3.2-1b", r=64, optimizer="paged_adamw_32bit", batch=1, seq=128)
+    assert result.paged_bytes == predicted.paged_bytes > 0
+    assert result.phase_peaks["optimizer"] == pytest.approx(predicted.phases["optimizer"], rel=0.1)
+    assert torch.cuda.memory_allocated() - before < 64 * 2**20
