@@ -227,3 +227,308 @@ def plot_eval_losses(losses: dict, baseline: str = "bf16"):
     ax.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
     return fig
+
+
+# ---- lab 01: VRAM budget
+
+VRAM_TERM_COLORS = {"weights": "#4c72b0", "quant_constants": "#8172b2", "lora_params": "#64b5cd",
+                    "optimizer": "#dd8452", "gradients": "#c44e52", "activations": "#55a868",
+                    "logits": "#ccb974", "temporaries": "#937860", "cuda_workspace": "#8c8c8c"}
+
+
+def plot_vram_breakdown(estimates: dict, gpu_gib: dict | None = None, title: str = "Where the memory of a training step goes"):
+    """Stacked horizontal bars: one bar per labelled vram.Estimate, one segment per term (GiB).
+
+    gpu_gib draws vertical lines at GPU sizes, e.g. {"T4 16GB": 15.0}.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 0.9 + 0.7 * len(estimates)))
+    labels = list(estimates)
+    for row, label in enumerate(labels):
+        left = 0.0
+        for term, nbytes in estimates[label].terms.items():
+            width = nbytes / 2**30
+            ax.barh(row, width, left=left, color=VRAM_TERM_COLORS.get(term, "#cccccc"),
+                    label=term if row == 0 else None, edgecolor="white", linewidth=0.5)
+            left += width
+        ax.text(left, row, f" {left:.1f} GiB", va="center", fontsize=9)
+    for name, gib in (gpu_gib or {}).items():
+        ax.axvline(gib, color="black", linestyle=":", linewidth=1)
+        ax.text(gib, len(labels) - 0.4, name, rotation=90, fontsize=8, va="top", ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("GiB at the step's peak (torch.cuda.max_memory_allocated)")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8, ncols=3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_vram_sweep(xs: list, series: dict, xlabel: str, gpu_gib: dict | None = None, title: str = ""):
+    """Peak GiB against one swept setting (xs), one line per labelled list of GiB values."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, values in series.items():
+        ax.plot(xs, values, marker="o", label=label)
+    for name, gib in (gpu_gib or {}).items():
+        ax.axhline(gib, color="black", linestyle=":", linewidth=1)
+        ax.text(xs[0], gib, f" {name}", fontsize=8, va="bottom")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("predicted peak (GiB)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_predicted_vs_measured(rows: list[dict], unit: str = "GiB", title: str = "Calculator vs measurement"):
+    """Scatter of predicted against measured peaks (rows with "measured", "predicted", "label"), y = x and ±10 %."""
+    import matplotlib.pyplot as plt
+
+    scale = 2**30 if unit == "GiB" else 2**20
+    measured = [r["measured"] / scale for r in rows]
+    predicted = [r["predicted"] / scale for r in rows]
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    top = max(measured + predicted) * 1.1
+    grid = [top * i / 100 for i in range(1, 101)]
+    ax.plot(grid, grid, color="black", linewidth=1, label="predicted = measured")
+    ax.fill_between(grid, [g * 0.9 for g in grid], [g * 1.1 for g in grid], color="grey", alpha=0.2, label="±10 %")
+    ax.scatter(measured, predicted, zorder=3)
+    for r, x, y in zip(rows, measured, predicted):
+        ax.annotate(r.get("label", ""), (x, y), fontsize=6, xytext=(3, -3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"measured peak ({unit})")
+    ax.set_ylabel(f"predicted peak ({unit})")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+# ---- lab 03: LoRA r and alpha
+
+
+def _rank_colors(ranks):
+    import matplotlib.pyplot as plt
+
+    cmap = plt.get_cmap("viridis")
+    ranks = sorted(set(ranks))
+    return {r: cmap(i / max(1, len(ranks) - 1)) for i, r in enumerate(ranks)}
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out = []
+    for i in range(len(values)):
+        chunk = values[max(0, i - window + 1): i + 1]
+        out.append(sum(chunk) / len(chunk))
+    return out
+
+
+def plot_sweep_curves(results: dict[str, dict], groups: dict[str, dict[int, str]], x: str = "steps", y: str = "losses",
+                      ylabel: str = "training loss (nats per answer token)", smooth: int = 1, log_y: bool = True,
+                      title: str = "Training loss per scaling rule, one line per rank r"):
+    """One panel per scaling rule, one line per rank: a per-step curve of each sweep point.
+
+    groups maps a rule label to {r: point name}; results maps point names to run_sweep
+    results. x/y name the lists to draw ("steps"/"losses" or "delta_w_steps"/"delta_w_norms");
+    smooth averages the last `smooth` values (training losses of single batches are noisy).
+    Example: plot_sweep_curves(results, {"alpha=2r": {4: "r=4,alpha=8,rslora=False"}})
+    """
+    import matplotlib.pyplot as plt
+
+    colors = _rank_colors([r for g in groups.values() for r in g])
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 3.6), sharey=True, squeeze=False)
+    for ax, (label, by_rank) in zip(axes[0], groups.items()):
+        for r, name in sorted(by_rank.items()):
+            res = results.get(name)
+            if res is None:
+                continue
+            ax.plot(res[x], _smooth(res[y], smooth), color=colors[r], label=f"r={r} (scale {res['scale']:.3g})")
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("optimizer step")
+        if log_y:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel(ylabel)
+    fig.suptitle(title)
+    fig.tight_layout()
+    plt.close(fig)  # shown where the notebook displays it, not again at the end of the cell
+    return fig
+
+
+def plot_sweep_heatmaps(tables: dict[str, dict[str, dict[int, float]]], fmt: str = "{:.3g}"):
+    """Heatmaps side by side: one per metric, rows = scaling rules, columns = ranks, NaN = not run.
+
+    tables maps a metric title to {rule label: {r: value}}.
+    Example: plot_sweep_heatmaps({"final eval loss": {"alpha=r": {4: 0.3, 16: 0.2}}})
+    """
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(tables), figsize=(5.2 * len(tables), 3.4), squeeze=False)
+    for ax, (metric, table) in zip(axes[0], tables.items()):
+        rules = list(table)
+        ranks = sorted({r for row in table.values() for r in row})
+        grid = np.array([[table[rule].get(r, np.nan) for r in ranks] for rule in rules], dtype=float)
+        cmap = "viridis_r" if "loss" in metric else "viridis"
+        image = ax.imshow(grid, cmap=cmap, aspect="auto")
+        for i in range(len(rules)):
+            for j in range(len(ranks)):
+                if not np.isnan(grid[i, j]):
+                    red, green, blue, _ = image.cmap(image.norm(grid[i, j]))
+                    light = 0.299 * red + 0.587 * green + 0.114 * blue > 0.5
+                    ax.text(j, i, fmt.format(grid[i, j]), ha="center", va="center", fontsize=8,
+                            color="black" if light else "white")
+        ax.set_xticks(range(len(ranks)), [str(r) for r in ranks])
+        ax.set_yticks(range(len(rules)), rules)
+        ax.set_xlabel("rank r")
+        ax.set_title(metric)
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    plt.close(fig)  # shown where the notebook displays it, not again at the end of the cell
+    return fig
+
+
+def plot_params_and_memory(ranks: list[int], formula: list[int], peft: list[int], peak_bytes: list[float | None],
+                           adapter_state_bytes: list[int], memory_kind: str = "peak memory"):
+    """Trainable parameters (formula vs peft) and memory against r.
+
+    adapter_state_bytes is what the adapters cost to train (weights, gradients, optimizer
+    states), computed; peak_bytes is what each sweep point measured.
+    Example: plot_params_and_memory([1, 4], [1e5, 4e5], [1e5, 4e5], [2.1e9, 2.2e9], [1.6e6, 6.4e6])
+    """
+    import matplotlib.pyplot as plt
+
+    fig, (ax_p, ax_m) = plt.subplots(1, 2, figsize=(11, 3.8))
+    ax_p.plot(ranks, formula, "o-", label="r x sum(d_in + d_out), from the architecture")
+    ax_p.plot(ranks, peft, "x", markersize=10, color="black", label="peft's count")
+    ax_p.set_xscale("log", base=2)
+    ax_p.set_yscale("log")
+    ax_p.set_xlabel("rank r")
+    ax_p.set_ylabel("trainable parameters")
+    ax_p.legend(fontsize=8)
+    mib = 2 ** 20
+    ax_m.plot(ranks, [b / mib for b in adapter_state_bytes], "o-", label="adapter training state (computed)")
+    measured = [(r, b) for r, b in zip(ranks, peak_bytes) if b]
+    if measured:
+        base = min(b for _, b in measured)
+        ax_m.plot([r for r, _ in measured], [(b - base) / mib for _, b in measured], "s--",
+                  label=f"{memory_kind}, above the smallest")
+    ax_m.set_xscale("log", base=2)
+    ax_m.set_xlabel("rank r")
+    ax_m.set_ylabel("MiB")
+    ax_m.legend(fontsize=8)
+    for ax in (ax_p, ax_m):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    plt.close(fig)  # shown where the notebook displays it, not again at the end of the cell
+    return fig
+
+
+def plot_spectra(spectra: dict[str, list[list[float]]], title: str = "Singular values of the learned delta W"):
+    """Normalised singular values sigma_i / sigma_1 of delta W, median over layers, one line per setup.
+
+    spectra maps a label to a list of per-layer singular-value lists (descending).
+    Example: plot_spectra({"r=16": [[0.5, 0.1, ...], ...]})
+    """
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, per_layer in spectra.items():
+        k = min(len(s) for s in per_layer)
+        normed = np.array([np.asarray(s[:k]) / max(s[0], 1e-30) for s in per_layer])  # (layers, k)
+        median = np.median(normed, axis=0)
+        low, high = np.percentile(normed, 25, axis=0), np.percentile(normed, 75, axis=0)
+        index = np.arange(1, k + 1)
+        line, = ax.plot(index, median, "o-", markersize=3, label=label)
+        ax.fill_between(index, low, high, color=line.get_color(), alpha=0.15)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("singular value index i")
+    ax.set_ylabel("sigma_i / sigma_1 (median over layers, 25-75 % band)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    plt.close(fig)  # shown where the notebook displays it, not again at the end of the cell
+    return fig
+
+
+# ---- lab 05: fine-tune end to end
+
+
+def plot_finetune_curves(log_history: list[dict], before: dict | None = None, after: dict | None = None,
+                         title: str = "QLoRA fine-tuning"):
+    """Training loss per step and the periodic evals (loss and exact match) from Trainer's log history.
+
+    before/after are train.evaluate results (drawn at step 0 and at the last step), so the
+    curve starts at the base model and ends at what the final evaluation measured.
+    Example: plot_finetune_curves(result.log_history, before, after)
+    """
+    import matplotlib.pyplot as plt
+
+    train_logs = [h for h in log_history if "loss" in h and "eval_loss" not in h]
+    eval_logs = [h for h in log_history if "eval_loss" in h]
+    last = max([h["step"] for h in train_logs] or [0])
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot([h["step"] for h in train_logs], [h["loss"] for h in train_logs], color="tab:blue", alpha=0.6,
+                 label="training loss (one batch)")
+    eval_steps = [h["step"] for h in eval_logs]
+    eval_loss = [h["eval_loss"] for h in eval_logs]
+    eval_acc = [100 * h.get("eval_accuracy", float("nan")) for h in eval_logs]
+    if before is not None:
+        eval_steps, eval_loss, eval_acc = [0] + eval_steps, [before["loss"]] + eval_loss, [100 * before["accuracy"]] + eval_acc
+    ax_loss.plot(eval_steps, eval_loss, "o-", color="tab:orange", label="eval loss (periodic)")
+    ax_acc.plot(eval_steps, eval_acc, "o-", color="tab:green", label="exact match (periodic eval)")
+    if after is not None:
+        ax_loss.plot([last], [after["loss"]], "s", color="black", label=f"final eval ({after['examples']} examples)")
+        ax_acc.plot([last], [100 * after["accuracy"]], "s", color="black", label=f"final eval ({after['examples']} examples)")
+    ax_loss.set_yscale("log")
+    ax_loss.set_xlabel("optimizer step")
+    ax_loss.set_ylabel("cross-entropy per answer token (nats, log scale)")
+    ax_acc.set_xlabel("optimizer step")
+    ax_acc.set_ylabel("exact match (%)")
+    ax_acc.set_ylim(-3, 103)
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    plt.close(fig)  # shown where the notebook displays it, not again at the end of the cell
+    return fig
+
+
+def plot_qlora_vs_lora(rows: dict[str, dict], memory_label: str = "peak memory"):
+    """Bars for each setup: peak memory (MiB), median step time (s) and final exact match (%).
+
+    rows maps a setup name to {"peak_bytes", "step_seconds", "accuracy"}.
+    Example: plot_qlora_vs_lora({"QLoRA": {"peak_bytes": 2e9, "step_seconds": 2.9, "accuracy": 0.8}, "LoRA": {...}})
+    """
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    colors = ["tab:purple", "tab:gray", "tab:olive", "tab:cyan"][: len(names)]
+    panels = [("peak_bytes", memory_label + " (MiB)", 1 / 2**20, "{:.0f}"),
+              ("step_seconds", "median step time (s)", 1.0, "{:.2f}"),
+              ("accuracy", "exact match on the eval split (%)", 100.0, "{:.1f}")]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    for ax, (key, label, factor, fmt) in zip(axes, panels):
+        values = [(rows[n].get(key) or 0) * factor for n in names]
+        bars = ax.bar(names, values, color=colors)
+        for bar, value in zip(bars, values):
+            ax.annotate(fmt.format(value), (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=9)
+        ax.set_ylabel(label)
+        ax.set_ylim(0, max(values + [1e-9]) * 1.15)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("QLoRA (4-bit NF4 base) vs LoRA (16-bit base): same task, same steps")
+    fig.tight_layout()
+    plt.close(fig)  # shown where the notebook displays it, not again at the end of the cell
+    return fig
