@@ -16,7 +16,7 @@ the learned update itself (`delta_w`, its norm and singular values computed from
 factors), and a sweep runner over (r, alpha, scaling rule, targets) whose points are cached
 on disk keyed by their full configuration (`SweepPoint`, `SweepSettings`, `run_sweep`).
 Shortcuts: counts cover Llama-style decoder layers only; the sweep trains one point at a
-time in this process, reloading the base model for each point.
+time in this process, all on one loaded base model (adapters attached, trained, removed).
 """
 
 import json
@@ -24,7 +24,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -175,6 +175,20 @@ def delta_w_singular_values(module, adapter: str = "default") -> torch.Tensor:
     return abs(scale) * torch.linalg.svdvals(r_b @ r_a.T)
 
 
+def effective_rank(singular_values, energy: float = 0.9) -> int:
+    """How many of the largest singular values hold `energy` of the squared norm (sum of sigma^2).
+
+    Example: effective_rank([3.0, 0.9, 0.1]) -> 1  (9 of 9.82 is 92 %)
+    """
+    squares = sorted((float(s) ** 2 for s in singular_values), reverse=True)
+    total, running = sum(squares), 0.0
+    for k, square in enumerate(squares, start=1):
+        running += square
+        if running >= energy * total:
+            return k
+    return len(squares)
+
+
 def total_delta_w_norm(model, adapter: str = "default") -> float:
     """sqrt of the sum of squared ||delta_w|| over all LoRA layers: how far the model has moved."""
     return math.sqrt(sum(delta_w_norm(m, adapter) ** 2 for m in lora_modules(model, adapter).values()))
@@ -283,9 +297,20 @@ def _arch_name(spec: str) -> str | None:
     return name if name in models.ARCHITECTURES else None
 
 
-def run_point(point: SweepPoint, settings: SweepSettings, progress: bool = False) -> dict:
-    """Train one sweep point from a freshly loaded base model and measure it; a JSON-able dict.
+def load_base(settings: SweepSettings):
+    """(model, tokenizer) of the sweep's base model, as every point starts from it."""
+    from qlora_lab import models
 
+    return models.load_model(settings.model, quant=settings.quant, seed=settings.train_config().seed)
+
+
+def run_point(point: SweepPoint, settings: SweepSettings, progress: bool = False, base=None) -> dict:
+    """Train one sweep point and measure it; returns a JSON-able dict.
+
+    base is (model, tokenizer) from load_base, or None to load it here. The adapters are
+    attached to it, trained, measured and removed again (peft's unload), which leaves the
+    frozen base exactly as it was, so the next point can reuse it; tests/test_lora.py
+    checks that a point trained on a reused base equals one trained on a fresh load.
     Every point gets the same base weights, the same adapter initialisation for the same r
     (torch seeded before get_peft_model), the same training examples in the same order,
     and the same eval rows. Measured: training loss per step, ||delta W|| over training,
@@ -293,11 +318,11 @@ def run_point(point: SweepPoint, settings: SweepSettings, progress: bool = False
     trainable parameters, step time and peak memory.
     Example: run_point(SweepPoint(8, 16), SweepSettings())["eval_loss"] -> 0.21
     """
-    from qlora_lab import data, models, train
+    from qlora_lab import data, train
 
     cfg = settings.train_config()
     start = time.perf_counter()
-    model, tokenizer = models.load_model(settings.model, quant=settings.quant, seed=cfg.seed)
+    model, tokenizer = base or load_base(settings)
     torch.manual_seed(cfg.seed)  # lora_A's random init: identical for identical r
     targets = point.targets if point.targets == ALL_LINEAR else list(point.targets)
     model = add_lora(model, lora_config(point.r, point.alpha, targets, settings.dropout, point.rslora),
@@ -322,9 +347,9 @@ def run_point(point: SweepPoint, settings: SweepSettings, progress: bool = False
         "delta_w_steps": tracker.steps, "delta_w_norms": tracker.norms,
         "spectra": {name: delta_w_singular_values(m).tolist() for name, m in lora_modules(model).items()},
         "step_seconds": fit.step_seconds, "peak_bytes": fit.peak_bytes, "memory_kind": fit.memory_kind,
-        "seconds": time.perf_counter() - start,  # load + train + eval
+        "seconds": time.perf_counter() - start,  # (load +) train + eval
     }
-    del model
+    model.unload()  # take the adapters out again: the base model is as it was loaded
     return result
 
 
@@ -343,7 +368,7 @@ def run_sweep(points: list[SweepPoint], settings: SweepSettings, cache_dir: str 
 
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    results = {}
+    results, base = {}, None
     bar = tqdm(points, desc="sweep", unit="point", disable=not progress)
     for point in bar:
         bar.set_postfix_str(point.name)
@@ -352,7 +377,8 @@ def run_sweep(points: list[SweepPoint], settings: SweepSettings, cache_dir: str 
         if path.exists():
             result, cached = json.loads(path.read_text())["result"], True
         else:
-            result, cached = run_point(point, settings), False
+            base = base or load_base(settings)  # loaded once, by the first point that trains
+            result, cached = run_point(point, settings, base=base), False
             tmp = path.with_suffix(".json.partial")
             tmp.write_text(json.dumps({"key": key, "settings": settings.as_dict(), "format": SWEEP_FORMAT,
                                        "result": result}))

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import TrainerCallback
+from transformers import PrinterCallback, TrainerCallback
 
 from qlora_lab import data
 
@@ -309,12 +309,15 @@ def make_trainer(model, tokenizer, train_rows, eval_rows, config: TrainConfig, o
         report_to="none",
         disable_tqdm=not progress,
     )
-    return Trainer(
+    trainer = Trainer(
         model=model, args=args, data_collator=data.Collator(tokenizer.pad_token_id),
         train_dataset=encoded(train_rows), eval_dataset=encoded(eval_rows) if evaluate_too else None,
         processing_class=tokenizer, compute_metrics=exact_match_metrics,
         preprocess_logits_for_metrics=answer_argmax,
         callbacks=callbacks)
+    if not progress:
+        trainer.remove_callback(PrinterCallback)  # without a progress bar, Trainer would print every log line
+    return trainer
 
 
 @dataclass

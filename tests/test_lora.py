@@ -83,6 +83,14 @@ def test_delta_w_norm_and_singular_values_from_the_factors(tiny_lora):
         assert torch.linalg.svdvals(full)[6:].abs().max() < 1e-3 * expected[0]  # rank at most r
 
 
+def test_effective_rank():
+    assert lora.effective_rank([3.0, 0.9, 0.1]) == 1  # 9 / 9.82 >= 0.9
+    assert lora.effective_rank([3.0, 1.0, 0.1]) == 2  # 9 / 10.01 < 0.9
+    assert lora.effective_rank([1.0, 1.0, 1.0, 1.0]) == 4
+    assert lora.effective_rank([1.0, 1.0, 1.0, 1.0], energy=0.5) == 2
+    assert lora.effective_rank([0.1, 3.0]) == 1  # order does not matter
+
+
 def test_grid_names_rules_and_duplicates():
     points = lora.grid([8, 16], fixed_alpha=16, rslora_ranks=[16])
     names = [p.name for p in points]
@@ -103,9 +111,9 @@ def tiny_sweep(tiny_shape, tmp_path, monkeypatch):
     trained = []
     real = lora.run_point
 
-    def logged(point, settings, progress=False):
+    def logged(point, settings, progress=False, base=None):
         trained.append(point.name)
-        return real(point, settings, progress)
+        return real(point, settings, progress, base)
 
     monkeypatch.setattr(lora, "run_point", logged)
     return settings, tmp_path / "cache", trained
@@ -133,14 +141,16 @@ def test_sweep_caches_every_point_by_its_full_configuration(tiny_sweep):
     assert trained[3:] == ["r=2,alpha=4,rslora=False"]
 
 
-def test_sweep_points_are_reproducible(tiny_sweep):
-    """A cached result is what training the point again gives: same seed, same data order."""
+def test_sweep_points_are_reproducible_and_independent_of_order(tiny_sweep):
+    """A cached result is what training the point again on a freshly loaded base gives, whichever
+    points trained before it on the shared base (same seed, same data order, base left unchanged)."""
     settings, cache, _ = tiny_sweep
-    point = lora.SweepPoint(4, 8, rslora=True)
-    first = lora.run_sweep([point], settings, cache, progress=False)[point.name]
-    fresh = lora.run_point(point, settings)
-    assert fresh["losses"] == first["losses"] and fresh["eval_loss"] == first["eval_loss"]
-    assert fresh["delta_w_norms"] == first["delta_w_norms"]
+    points = [lora.SweepPoint(2, 16), lora.SweepPoint(4, 8, rslora=True), lora.SweepPoint(3, 6, targets=("q_proj", "v_proj"))]
+    swept = lora.run_sweep(points, settings, cache, progress=False)
+    for point in points[1:]:
+        fresh = lora.run_point(point, settings)  # its own fresh base
+        assert fresh["losses"] == swept[point.name]["losses"] and fresh["eval_loss"] == swept[point.name]["eval_loss"]
+        assert fresh["delta_w_norms"] == swept[point.name]["delta_w_norms"]
 
 
 def test_interrupted_sweep_resumes_at_the_first_unfinished_point(tiny_sweep, monkeypatch):
@@ -148,10 +158,10 @@ def test_interrupted_sweep_resumes_at_the_first_unfinished_point(tiny_sweep, mon
     points = [lora.SweepPoint(1, 2), lora.SweepPoint(2, 4), lora.SweepPoint(3, 6)]
     logged = lora.run_point
 
-    def interrupted(point, settings, progress=False):
+    def interrupted(point, settings, progress=False, base=None):
         if point.r == 2:
             raise KeyboardInterrupt  # the learner stops the kernel in the middle of the second point
-        return logged(point, settings, progress)
+        return logged(point, settings, progress, base)
 
     monkeypatch.setattr(lora, "run_point", interrupted)
     with pytest.raises(KeyboardInterrupt):
