@@ -1,0 +1,17 @@
+"""Lab 06 under the smoke profile (CPU): the paper-scale predictions are recorded and sane."""
+
+import pytest
+from labrun import run_lab
+
+from qlora_lab import vram
+
+
+@pytest.mark.notebooks
+def test_lab06_smoke():
+    r = run_lab("06_paper_scale")
+    predicted = {k: r[f"paper_{k}_predicted_bytes"] for k in ("65b", "2_70b", "33b")}
+    # the same numbers the calculator gives for the paper's setting (fp32 adapters, batch 1 x 512)
+    paper = dict(method="qlora", r=64, lora_dropout=0.05, optimizer="paged_adamw_32bit", batch=1, seq=512)
+    assert predicted["65b"] == vram.estimate("llama-65b", **paper).peak_allocated_bytes
+    assert predicted["33b"] < predicted["65b"] < predicted["2_70b"]
+    assert "paper_65b_peak_allocated_bytes" not in r  # measured only under the gpu profile
