@@ -26,6 +26,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -102,6 +103,7 @@ def run_notebook(notebook: Path, profile: str, out_dir: Path, overrides: dict | 
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     # papermill warns about every line of a multi-line parameter (our PROFILES dict); it is fine
     logging.getLogger("papermill.translators").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="Cell is missing an id field")  # papermill's injected cell has none
     start = time.perf_counter()
     error = None
     try:
