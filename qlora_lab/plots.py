@@ -98,7 +98,6 @@ def plot_block_histograms(histograms: dict, edges, levels: dict):
     import matplotlib.pyplot as plt
 
     edges = [float(e) for e in edges]
-    centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
     n = len(histograms)
     cols = min(4, n)
     rows = -(-n // cols)
@@ -108,15 +107,13 @@ def plot_block_histograms(histograms: dict, edges, levels: dict):
         total = sum(counts)
         width = edges[1] - edges[0]
         density = [c / total / width for c in counts]
-        ax.bar(centers, density, width=width, color="0.6")
+        ax.stairs(density, edges, fill=True, color="0.6")
         inner = sorted(density[1:-1])  # the edge bins hold the absmax spikes; scale to the bulk
         ax.set_ylim(0, inner[-1] * 1.6)
         for band, (fmt, values) in enumerate(levels.items()):
             y0, y1 = 0.97 - 0.08 * (band + 1), 0.97 - 0.08 * band
-            for v in values:
-                if abs(float(v)) <= 1:
-                    ax.plot([float(v)] * 2, [y0, y1], color=LAB02_COLORS.get(fmt, "black"), linewidth=1.2,
-                            transform=ax.get_xaxis_transform())
+            ax.vlines([float(v) for v in values if abs(float(v)) <= 1], y0, y1, color=LAB02_COLORS.get(fmt, "black"),
+                      linewidth=1.2, transform=ax.get_xaxis_transform())
         ax.set_title(name, fontsize=10)
         ax.set_xlim(-1.05, 1.05)
         ax.set_xlabel("weight / block absmax")

@@ -7,6 +7,7 @@ with its CUDA kernels, whose rounding at exact ties differs (see qlora_lab/quant
 import copy
 import importlib.util
 import itertools
+import math
 
 import bitsandbytes.functional as bnbf
 import pytest
@@ -329,3 +330,39 @@ def test_double_quant_binary_search_cuda():
     w *= torch.rand(4096, 1, generator=torch.Generator().manual_seed(2)) * 4
     assert_same_as_bnb(w.to(CUDA, torch.bfloat16), "nf4", 64, double_quant=True)
     assert_same_as_bnb(w.to(CUDA), "fp4", 64, double_quant=True)
+
+
+# --------------------------------------------------------------------------- measuring helpers
+
+
+def test_unpack_reads_high_nibble_first():
+    packed, _ = quant.quantize(torch.tensor([1.0, -1.0, 0.0]), "nf4")
+    assert packed.flatten().tolist() == [0xF0, 0x77]  # 1 -> 15, -1 -> 0, 0 -> 7 (+ padding code 7)
+    assert quant.unpack(packed).tolist() == [15, 0, 7, 7] and quant.unpack(packed, 3).tolist() == [15, 0, 7]
+
+
+def test_error_stats_add_up_to_the_direct_computation():
+    w = torch.randn(100, 96, generator=torch.Generator().manual_seed(3))
+    parts = [quant.error_stats(w[:40], "fp4"), quant.error_stats(w[40:], "fp4")]
+    summary = quant.summarize_errors(parts)
+    direct = torch.cat([quant.dequantize(*quant.quantize(w[:40], "fp4")), quant.dequantize(*quant.quantize(w[40:], "fp4"))])
+    assert abs(summary["mse"] - (direct - w).pow(2).mean().item()) < 1e-9
+    assert abs(summary["sqnr_db"] - 10 * math.log10(w.pow(2).sum().item() / (direct - w).pow(2).sum().item())) < 1e-6
+    assert summary["max_abs"] == (direct - w).abs().max().item()
+    gap = quant.fp4_levels().sort().values.diff().max().item()
+    assert gap / 2 * 0.99 < summary["max_rel"] <= gap / 2 + 1e-6  # fp32: no rounding beyond the level gap
+    assert sum(summary["code_share"]) == pytest.approx(1.0) and summary["bits_per_param"] == 4.5
+
+
+def test_distinct_per_block_sees_a_4bit_grid():
+    gen = torch.Generator().manual_seed(0)
+    ints = torch.randint(0, 16, (64, 32), generator=gen).float()
+    q4_1_like = ints * torch.rand(64, 1, generator=gen) + torch.randn(64, 1, generator=gen)  # scale * q + min per 32
+    assert quant.distinct_per_block(q4_1_like, 32).max() <= 16
+    assert quant.distinct_per_block(torch.randn(64 * 32, generator=gen), 32).min() == 32
+
+
+def test_block_scaled_and_entropy():
+    scaled = quant.block_scaled(torch.randn(10, 64) * 5)
+    assert scaled.abs().max() == 1 and (scaled.view(10, 64).abs().amax(1) == 1).all()
+    assert quant.entropy_bits([1 / 16] * 16) == 4.0 and quant.entropy_bits([1.0] + [0.0] * 15) == 0.0
