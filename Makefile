@@ -4,11 +4,12 @@ PIP := $(PYTHON) -m pip
 PROFILE ?= auto
 OUT ?= runs
 
-.PHONY: help install lab smoke test gpu-test clean-notebooks clean
+.PHONY: help install browser-deps lab smoke test gpu-test clean-notebooks clean
 
 help:
 	@echo "make lab              install what is missing, run every notebook (gpu with CUDA, else cpu) -> runs/"
-	@echo "make test             install what is missing, unit tests + every notebook under the smoke profile"
+	@echo "make test             install what is missing, unit tests + every notebook under the smoke profile,"
+	@echo "                      in papermill and in JupyterLab through a headless Chromium"
 	@echo "make smoke            just the notebooks under the smoke profile, through the runner"
 	@echo "make gpu-test         the gpu profile of every notebook, as tests (needs CUDA)"
 	@echo "make clean-notebooks  strip outputs and execution counts from labs/*.ipynb"
@@ -25,10 +26,24 @@ lab: install
 smoke: install
 	$(PYTHON) -m qlora_lab run labs/ --profile smoke --out $(OUT)
 
-test: install
+# Chromium for the browser test (tests/test_browser.py), from Debian's packages where apt-get exists;
+# elsewhere the browser test skips and says why.
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
+		|| echo "could not install chromium: the browser test will skip"
+
+test: install browser-deps
 	$(PYTHON) -m pytest -ra
 
-gpu-test: install
+gpu-# Chromium for the browser test (tests/test_browser.py), from Debian's packages where apt-get exists;
+# elsewhere the browser test skips and says why.
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
+		|| echo "could not install chromium: the browser test will skip"
+
+test: install browser-deps
 	$(PYTHON) -m pytest -ra -m gpu tests/
 
 clean-notebooks:

@@ -240,7 +240,7 @@ def plot_vram_breakdown(estimates: dict, gpu_gib: dict | None = None, title: str
     """
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 0.9 + 0.7 * len(estimates)))
+    fig, ax = plt.subplots(figsize=(10, 1.9 + 0.6 * len(estimates)))
     labels = list(estimates)
     for row, label in enumerate(labels):
         left = 0.0
@@ -250,14 +250,14 @@ def plot_vram_breakdown(estimates: dict, gpu_gib: dict | None = None, title: str
                     label=term if row == 0 else None, edgecolor="white", linewidth=0.5)
             left += width
         ax.text(left, row, f" {left:.1f} GiB", va="center", fontsize=9)
-    for name, gib in (gpu_gib or {}).items():
-        ax.axvline(gib, color="black", linestyle=":", linewidth=1)
-        ax.text(gib, len(labels) - 0.4, name, rotation=90, fontsize=8, va="top", ha="right")
+    for style, (name, gib) in zip((":", "--", "-."), (gpu_gib or {}).items()):
+        ax.axvline(gib, color="black", linestyle=style, linewidth=1, label=f"{name} ({gib:.0f} GiB)")
     ax.set_yticks(range(len(labels)), labels)
     ax.invert_yaxis()
     ax.set_xlabel("GiB at the step's peak (torch.cuda.max_memory_allocated)")
     ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=8, ncols=3)
+    ax.set_xlim(0, ax.get_xlim()[1] * 1.12)  # room for the totals
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     fig.tight_layout()
     return fig
 

@@ -48,12 +48,14 @@ def default_profile() -> str:
 def profile_settings(profiles: dict, profile: str = "auto", overrides: dict | None = None) -> SimpleNamespace:
     """Pick a notebook's column of settings: profiles[profile], updated with overrides.
 
-    "auto" means default_profile(). Unknown profiles and override keys that the profile
-    does not define raise, so a typo cannot silently fall back to a default.
+    "auto" means $QLORA_LAB_PROFILE when set (an instructor can start `QLORA_LAB_PROFILE=smoke
+    jupyter lab` so every lab runs its quick version), else default_profile(). Unknown profiles
+    and override keys that the profile does not define raise, so a typo cannot silently fall
+    back to a default.
     Example: profile_settings({"smoke": {"steps": 2}, "cpu": {"steps": 200}, "gpu": {"steps": 500}}, "smoke").steps -> 2
     """
     if profile == "auto":
-        profile = default_profile()
+        profile = os.environ.get("QLORA_LAB_PROFILE") or default_profile()
     if profile not in profiles:
         raise ValueError(f"unknown profile {profile!r}; this notebook defines {sorted(profiles)}")
     settings = dict(profiles[profile])

@@ -12,3 +12,12 @@ def test_lab01_smoke():
     assert set(r["calc_errors"]) and all(abs(e) < 0.05 for e in r["calc_errors"].values())
     assert r["eval_mode_saved_ratio"] > 2  # eval mode silently disables checkpointing
     assert 0 < r["estimate_seconds"]  # recorded for the README; speed is benchmarked, not asserted
+
+
+@pytest.mark.gpu
+def test_lab01_gpu():
+    """The calculator against torch.cuda.max_memory_allocated: every config within 10 %, median within 5 %."""
+    r = run_lab("01_vram_budget", profile="gpu")
+    assert r["calc_device"] == "cuda" and r["calc_configs"] >= 12
+    assert r["calc_max_abs_error"] <= 0.10 and r["calc_median_abs_error"] <= 0.05
+    assert r["paged_state_outside_allocator"] is True

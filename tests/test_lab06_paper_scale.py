@@ -15,3 +15,14 @@ def test_lab06_smoke():
     assert predicted["65b"] == vram.estimate("llama-65b", **paper).peak_allocated_bytes
     assert predicted["33b"] < predicted["65b"] < predicted["2_70b"]
     assert "paper_65b_peak_allocated_bytes" not in r  # measured only under the gpu profile
+
+
+@pytest.mark.gpu
+def test_lab06_gpu():
+    """65B/70B/33B shapes built in NF4 on the GPU, trained, and measured against the calculator."""
+    r = run_lab("06_paper_scale", profile="gpu")
+    assert r["paper_runs"] >= 4 and r["paper_max_abs_error"] <= 0.10
+    for key in ("65b", "2_70b", "33b"):
+        assert abs(r[f"paper_{key}_bits_per_param"] - 4.127) < 0.01
+        assert r[f"paper_{key}_peak_allocated_bytes"] > 0 and isinstance(r[f"paper_{key}_fits_{48 if key != '33b' else 24}gb"], bool)
+    assert isinstance(r["paper_65b_trains_in_48gib_cap"], bool)

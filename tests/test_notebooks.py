@@ -68,3 +68,10 @@ def test_lab00_smoke():
     assert r["params_total"] == 134_515_008
     assert r["footprint_bytes"] < r["params_total"] * 2 * 0.5  # 4-bit: well under half of bf16
     assert isinstance(r["generation"], str) and r["generation"]
+
+
+@pytest.mark.gpu
+def test_lab00_gpu():
+    r = run_lab("00_environment", profile="gpu")
+    assert r["cuda"] is True and r["bnb_backend"] == "CUDA"
+    assert r["params_total"] == 134_515_008 and r["footprint_bytes"] < r["params_total"]

@@ -1,6 +1,7 @@
 """qlora_lab.runner and qlora_lab.results: profiles, records, failures named by cell."""
 
 import json
+import os
 
 import nbformat
 import pytest
@@ -24,6 +25,12 @@ def test_profile_settings():
     assert runner.profile_settings(profiles, "smoke").steps == 2
     assert runner.profile_settings(profiles, "cpu", {"steps": 7}).steps == 7
     assert runner.profile_settings(profiles, "auto").profile in ("cpu", "gpu")
+    os.environ["QLORA_LAB_PROFILE"] = "smoke"
+    try:
+        assert runner.profile_settings(profiles, "auto").steps == 2
+        assert runner.profile_settings(profiles, "cpu").steps == 200  # an explicit profile wins
+    finally:
+        del os.environ["QLORA_LAB_PROFILE"]
     with pytest.raises(ValueError, match="smoke"):
         runner.profile_settings(profiles, "fast")
     with pytest.raises(ValueError, match="stpes"):
