@@ -1,5 +1,6 @@
 """Lab 04 under the smoke profile: the checker passes the correct QLoRA setup and catches every broken one."""
 
+import pytest
 from labrun import run_lab
 
 LORA_R8 = 30 * 8 * 10_176  # SmolLM2-135M: 30 layers x r x sum(d_in + d_out) over q,k,v,o,gate,up,down
@@ -29,3 +30,13 @@ def test_lab04_smoke():
     assert change["optimizer over all parameters"] == change["correct"]  # no visible symptom
     if r["cpu_repack_applies"]:
         assert abs(change["eval pass with CPU repack"]) < abs(change["correct"]) / 2  # wrong gradients: learns slowly
+
+
+@pytest.mark.gpu
+def test_lab04_gpu():
+    """On CUDA (a random SmolLM2 shape in 4-bit): the checker passes the correct setup, catches the broken ones."""
+    r = run_lab("04_only_lora_trains", profile="gpu")
+    assert r["checks_passed"] == r["checks_total"] == 6
+    assert r["cpu_repack_applies"] is False and r["negative_controls_total"] == 5
+    assert r["negative_controls_caught"] == r["negative_controls_total"]
+    assert r["loss_change"]["correct"] < 0
