@@ -26,3 +26,15 @@ def test_lab02_smoke():
         assert math.isfinite(r[f"eval_loss_{fmt}"]) and r[f"eval_loss_{fmt}"] > 0
     assert r["closest_to_bf16"] in ("nf4", "fp4", "int4")
     assert r["bnb_2d_dequant_values_differing"] >= 0
+
+
+@pytest.mark.gpu
+def test_lab02_gpu():
+    """The gpu profile: bit-exact with bitsandbytes' CUDA kernels on every real (random-shape) weight and odd sizes."""
+    r = run_lab("02_nf4_vs_fp4", profile="gpu")
+    assert r["bitexact_vs_bnb"] is True and r["bitexact_cases"] >= 900
+    assert r["bnb_2d_dequant_values_differing"] == 0  # the CUDA kernel indexes absmax over the flat tensor
+    assert r["nf4_mse"] < r["int4_mse"] and r["nf4_mse"] < r["fp4_mse"]  # random weights are normal: NF4's home
+    assert r["bits_per_param_no_dq"] == 4.5 and abs(r["bits_per_param_dq"] - 4.127) < 1e-3
+    for fmt in ("bf16", "nf4", "fp4", "int4"):
+        assert math.isfinite(r[f"eval_loss_{fmt}"])
