@@ -2,7 +2,7 @@
 
     python -m qlora_lab run [NOTEBOOK ...] --profile smoke|cpu|gpu --out runs/
     python -m qlora_lab vram --model llama-2-7b --method qlora --batch 4 --seq 512 [--json]
-    python -m qlora_lab env [--check]           # versions and device; --check: exit 1 if a requirement is missing
+    python -m qlora_lab env [--check [--core]]  # versions and device; --check: exit 1 if a requirement is missing
     python -m qlora_lab model [SPEC]            # resolve (and for the default, convert) a model
     python -m qlora_lab strip NOTEBOOK ...      # remove outputs and execution counts
 """
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         from qlora_lab import env
 
         if "--check" in rest:  # exit 1 when a requirement is missing (make install uses this)
-            missing = env.missing_requirements()
+            missing = env.missing_requirements(extras=() if "--core" in rest else ("dev",))
             print("missing: " + ", ".join(missing) if missing else "all requirements installed")
             return 1 if missing else 0
         env.report()

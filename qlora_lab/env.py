@@ -117,7 +117,7 @@ def missing_requirements(extras: tuple[str, ...] = ("dev",)) -> list[str]:
     except (ImportError, OSError, KeyError):
         return ["pyproject.toml"]
     wanted = list(project["dependencies"]) + [r for e in extras for r in project.get("optional-dependencies", {}).get(e, [])]
-    missing = [] if versions([project["name"]])[project["name"]] else [project["name"]]
+    missing = []  # this module is running, so the package itself is importable (installed or on the path)
     for line in wanted:
         req = Requirement(line)
         installed = versions([req.name])[req.name]
