@@ -95,7 +95,17 @@ class LiveTensorBytes(TorchDispatchMode):
 
 
 def _live_tensors():
-    return [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.device.type != "meta"]
+    """Every real tensor the garbage collector knows (skips meta tensors and tensor subclasses
+    without storage, e.g. FakeTensors another library left alive)."""
+    tensors = []
+    for o in gc.get_objects():
+        if isinstance(o, torch.Tensor) and o.device.type != "meta":
+            try:
+                o.untyped_storage().data_ptr()
+            except (RuntimeError, NotImplementedError):
+                continue
+            tensors.append(o)
+    return tensors
 
 
 def owned_tensor_bytes(model, optimizer=None, *extra: torch.Tensor) -> int:

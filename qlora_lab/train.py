@@ -101,6 +101,23 @@ def generate_answers(model, tokenizer, rows, max_new_tokens: int = 48, batch_siz
     return answers
 
 
+def wrong_fields(prediction: str, reference: str) -> list[str]:
+    """The fields of a JSON answer that differ from the reference's; ["not JSON"] if it does not parse.
+
+    A field missing from the prediction counts as wrong; extra fields are reported as "extra".
+    Example: wrong_fields('{"name": "Loren", "qty": 4}', '{"name": "Lorenzo", "qty": 4}') -> ["name"]
+    """
+    try:
+        got = json.loads(prediction)
+    except json.JSONDecodeError:
+        return ["not JSON"]
+    want = json.loads(reference)
+    if not isinstance(got, dict):
+        return ["not JSON"]
+    wrong = [key for key in want if got.get(key) != want[key]]
+    return wrong + (["extra"] if set(got) - set(want) else [])
+
+
 # --------------------------------------------------------------------------- training (lab 05)
 
 

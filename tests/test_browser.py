@@ -92,9 +92,16 @@ def browser(jupyterlab):
 
 
 # JavaScript run in the page through JupyterLab's application object (exposed by --LabApp.expose_app_in_browser)
-RUN_ALL = "async () => { await window.jupyterapp.commands.execute('notebook:run-all-cells'); }"
-STATE = """() => {
-  const panel = window.jupyterapp.shell.currentWidget;
+RUN_ALL = """async path => { for (const w of window.jupyterapp.shell.widgets('main')) {
+  if (w.context && w.context.path === path) { window.jupyterapp.shell.activateById(w.id);
+    await window.jupyterapp.commands.execute('notebook:run-all-cells'); } } }"""
+SHUTDOWN = """async path => { for (const w of window.jupyterapp.shell.widgets('main')) {
+  if (w.context && w.context.path === path) await w.sessionContext.shutdown(); } }"""
+NOTEBOOK = """path => { for (const w of window.jupyterapp.shell.widgets('main')) {
+  if (w.context && w.context.path === path && w.content && w.content.widgets.length > 0) return true; } return false; }"""
+STATE = """path => {
+  let panel = null;
+  for (const w of window.jupyterapp.shell.widgets('main')) { if (w.context && w.context.path === path) panel = w; }
   if (!panel || !panel.content || !panel.sessionContext.session) return null;
   const kernel = panel.sessionContext.session.kernel;
   const cells = panel.content.widgets.filter(c => c.model.type === 'code');
@@ -111,25 +118,35 @@ STATE = """() => {
 
 def open_and_run(browser, base: str, stem: str, timeout: float = 240):
     """Open labs/<stem>.ipynb in JupyterLab, run all cells, wait until done; returns (page, state)."""
+    path = f"labs/{stem}.ipynb"
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(f"{base}/lab/tree/labs/{stem}.ipynb?token={TOKEN}")
-    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
+    # ?reset: a fresh workspace, so the notebooks earlier tests opened are not restored beside this one
+    page.goto(f"{base}/lab/tree/{path}?reset&token={TOKEN}")
+    page.wait_for_function(NOTEBOOK, arg=path, timeout=60_000)
     deadline = time.time() + 60
     while time.time() < deadline:  # the kernel must be up before running
-        state = page.evaluate(STATE)
+        state = page.evaluate(STATE, path)
         if state and state["status"] == "idle":
             break
         time.sleep(0.5)
-    page.evaluate(RUN_ALL)
+    page.evaluate(RUN_ALL, path)
     deadline = time.time() + timeout
     state = None
     while time.time() < deadline:
-        state = page.evaluate(STATE)
+        state = page.evaluate(STATE, path)
         if state and (state["errors"] or (state["done"] == state["total"] and state["running"] == 0
                                            and state["status"] == "idle")):
             break
         time.sleep(1)
     return page, state
+
+
+def close(page, stem: str):
+    """Shut the notebook's kernel down (frees its memory for the next lab) and close the page."""
+    try:
+        page.evaluate(SHUTDOWN, f"labs/{stem}.ipynb")
+    finally:
+        page.close()
 
 
 def test_lab01_panel_updates_in_the_browser(browser, jupyterlab):
@@ -167,7 +184,7 @@ def test_lab01_panel_updates_in_the_browser(browser, jupyterlab):
         assert float(after_batch) > float(after_method)  # 16 sequences need more than 4
         assert len({before_chart, method_chart, after_chart}) == 3  # the chart was redrawn each time
     finally:
-        page.close()
+        close(page, "01_vram_budget")
 
 
 @pytest.mark.parametrize("stem", [p.stem for p in sorted(runner.LABS_DIR.glob("[0-9][0-9]_*.ipynb"))
@@ -179,4 +196,4 @@ def test_lab_runs_in_the_browser(browser, jupyterlab, stem):
         assert state and not state["errors"], state
         assert state["done"] == state["total"], f"not finished: {state}"
     finally:
-        page.close()
+        close(page, stem)

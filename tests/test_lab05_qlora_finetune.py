@@ -12,7 +12,6 @@ def check(r: dict):
     assert r["merge_max_abs_diff"] > 0 and r["merge_nf4_mean_abs_diff"] < r["merge_mean_abs_diff"] / 2
     assert r["qlora_peak_bytes"] > 0 and r["lora_peak_bytes"] > 0
     assert r["qlora_step_seconds"] > 0 and r["lora_step_seconds"] > 0 and r["train_seconds"] > 0
-    assert r["resumed_from"] == 0  # a fresh run (a finished run's folder is trained again, not reused)
     for name in ("accuracy_before", "accuracy_after", "merged_accuracy", "lora_accuracy"):
         assert 0 <= r[name] <= 1
 

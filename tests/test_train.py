@@ -176,6 +176,14 @@ def test_memory_meter_sees_a_big_allocation():
     assert meter.peak_bytes - meter.start_bytes >= 60 * 2**20
 
 
+def test_wrong_fields():
+    ref = '{"name": "Lorenzo", "item": "desk", "qty": 4}'
+    assert train.wrong_fields('{"name": "Loren", "item": "desk", "qty": 4}', ref) == ["name"]
+    assert train.wrong_fields('{"name": "Lorenzo", "qty": "4", "city": "Oslo"}', ref) == ["item", "qty", "extra"]
+    assert train.wrong_fields(ref, ref) == []
+    assert train.wrong_fields('{"name": "Lorenzo", "item"', ref) == train.wrong_fields("[1]", ref) == ["not JSON"]
+
+
 def test_config_key_and_optimizer_choice():
     assert train.config_key({"a": 1, "b": [2]}) == train.config_key({"b": [2], "a": 1}) != train.config_key({"a": 2, "b": [2]})
     assert train.TrainConfig(lr=1e-3).key() != train.TrainConfig().key()
