@@ -30,15 +30,33 @@ TASK_INSTRUCTION = "Extract the order as JSON."  # the system message of every e
 REPO_DATA_DIR = Path(__file__).resolve().parent.parent / "data"  # data/ in a repository checkout
 IGNORE_INDEX = -100  # label value that cross-entropy skips (prompt and padding positions)
 
+# Many training names and cities, each seen only a few times: the model must learn to copy
+# a word from the sentence, not recall one of a short list (with 60 names it "corrected"
+# unseen eval names to training ones: Lorenzo -> Loren, Malmo -> Mala).
 NAMES_TRAIN = """Aiko Amara Anders Ava Bea Bruno Carmen Chen Dara Diego Elif Emil Farah Felix
 Greta Hana Hugo Ines Ivan Jonas Kai Kemal Lara Leo Lina Luca Maja Marco Mina Nadia Nils Noor
 Omar Oskar Pablo Paula Quinn Rafael Rosa Sami Sara Selin Tariq Teo Uma Vera Wanda Yara Yusuf
-Zara Zoe Arjun Bianca Cyrus Daria Ezra Freya Gideon""".split()
+Zara Zoe Arjun Bianca Cyrus Daria Ezra Freya Gideon Abel Adele Agnes Ahmed Aida Alba Aleksi
+Amir Anika Anton Ari Astrid Aurora Axel Baran Beatriz Benno Birgit Bjorn Bogdan Bruna Caio
+Camila Cecil Chiara Clara Cosmin Dalia Damian Dario Dilan Dorota Edda Edgar Elena Elias Emre
+Enzo Erik Esther Eva Fatima Fenna Filip Flora Goran Hamid Hedda Helga Hiro Ida Igor Imani
+Irene Isak Jakob Jana Janek Joao Joel Julia Juno Kaito Karim Karla Katya Keiko Klaus Lale
+Lars Leila Lena Linus Liv Lotte Lucia Magnus Malik Marta Mateo Mats Mei Milan Miro Nell
+Naoki Nora Odile Ola Oren Otto Petra Pia Priya Ravi Reza Rina Rolf Runa Saga Samir Sanne
+Selma Silas Sven Tamar Tanja Theo Timo Tomas Ugo Una Valter Vidar Wilma Xenia Yann Yoko Yuki
+Zeno Zofia Zuri""".split()
 NAMES_EVAL = """Alma Boris Celia Dmitri Esme Fabio Gaia Henrik Ilse Jorge Kira Lorenzo Mirela
 Nikos Olga Pieter Rhea Stefan Tove Viktor""".split()
 CITIES_TRAIN = """Oslo Lisbon Nairobi Lima Hanoi Dublin Austin Porto Quito Riga Tunis Zagreb
 Bergen Cairo Dakar Denver Geneva Havana Jakarta Kyoto Lagos Madrid Manila Milan Munich Osaka
-Paris Perth Prague Seoul Sofia Tallinn Tokyo Turin Vienna Warsaw Zurich Boston Chicago Sydney""".split()
+Paris Perth Prague Seoul Sofia Tallinn Tokyo Turin Vienna Warsaw Zurich Boston Chicago Sydney
+Aarhus Adelaide Ankara Antwerp Athens Atlanta Baku Bangkok Basel Belfast Bilbao Bologna Bonn
+Bremen Brno Bruges Busan Calgary Cardiff Cologne Cordoba Dallas Delft Dresden Durban Galway
+Genoa Ghent Gdansk Glasgow Gothenburg Haifa Helsinki Houston Kiev Kobe Lahore Leipzig Lille
+Linz Lyon Marseille Medina Memphis Minsk Mumbai Nagoya Naples Nice Odessa Orlando Ottawa
+Oxford Palermo Pisa Poznan Reno Rome Rotterdam Salzburg Santiago Sapporo Seville Shanghai
+Siena Stockholm Tampa Tartu Toledo Toronto Trieste Tulsa Turku Uppsala Venice Verona Vilnius
+Wroclaw York""".split()
 CITIES_EVAL = """Accra Bogota Cusco Delhi Essen Fukuoka Graz Hamburg Izmir Krakow Leeds Malmo
 Nantes Oaxaca Pune Rabat Split Tbilisi Utrecht Valencia""".split()
 # (singular, plural); irregular plurals on purpose
