@@ -28,11 +28,18 @@ you name, to see the other device's rounding on a CPU):
   a tiny positive value gets the code of -0 and a tiny negative one the code of +0 (the sort
   order of the two zeros). The 8-bit absmax code of double quantization goes through a
   65,536-entry lookup table, so a value within ~1.5e-5 of a midpoint can get the farther code.
-- CUDA: every block is scaled by 1/absmax; NF4 and FP4 use hard-coded decision trees. NF4's
-  thresholds are exactly the midpoints below; FP4's are decimal literals that differ from the
-  midpoints in the 7th digit (0.583333 instead of 0.58333337). FP4 takes the sign from the
-  value (tiny positive -> +0); an all-zero block scales to NaN and gets code 0. The 8-bit
-  absmax code uses a binary search whose ties go to the level it reached.
+- CUDA: bitsandbytes is compiled with fast math, so 1/absmax is the GPU's approximate
+  reciprocal (the MUFU.RCP instruction, PTX rcp.approx.ftz.f32), which can be one ulp off the
+  exact one; on a CUDA tensor the reference uses the same instruction (through Triton, which
+  ships with PyTorch's CUDA builds) and otherwise the exact reciprocal. NF4 and FP4 use
+  hard-coded decision trees `x > t` whose thresholds are 16-digit decimal literals rounded
+  once to fp32 by the compiler; four of NF4's land one ulp away from the fp32 midpoints (the
+  midpoints are exact fp32 ties, so the literal's last digit decides), and FP4's differ from
+  the midpoints in the 7th digit (0.583333 instead of 0.58333337). FP4 takes the sign from
+  the value (tiny positive -> +0); an all-zero block scales to NaN and gets code 0. The
+  8-bit absmax code uses a binary search whose ties go to the level it reached. (Read off
+  the kernel's machine code, `cuobjdump -sass`: MUFU.RCP, FMUL.FTZ, FSETP.GT with these
+  constants.)
 
 Shortcuts: uint8 storage only (bitsandbytes also packs into other dtypes); inputs are fp32,
 bf16 or fp16; INT4 is this lab's symmetric baseline, not a bitsandbytes format (bitsandbytes
@@ -54,8 +61,13 @@ NESTED_BLOCKSIZE = 256  # blocksize of the second-level (8-bit) quantization of 
 NF4_OFFSET = 0.9677083
 # CUDA's FP4 decision thresholds on |x| (bitsandbytes csrc dQuantizeFP4), with the magnitude
 # code each interval gets: |x| <= 0.00260417 -> 0b000 (0), ... , |x| > 0.8333333 -> 0b011 (1)
-CUDA_FP4_THRESHOLDS = (0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333)
+CUDA_FP4_THRESHOLDS = ("0.00260417", "0.0859375", "0.20833333", "0.29166667", "0.4166667", "0.583333", "0.8333333")
 CUDA_FP4_MAGNITUDE_CODES = (0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011)
+# CUDA's NF4 decision thresholds (bitsandbytes csrc dQuantizeNF4), ascending; `x > t` moves up one code
+CUDA_NF4_THRESHOLDS = ("-0.8480964004993439", "-0.6106329262256622", "-0.4599952697753906", "-0.33967943489551544",
+                       "-0.23460740596055984", "-0.13791173323988914", "-0.045525018125772476", "0.03979014977812767",
+                       "0.1202552504837513", "0.2035212516784668", "0.2920137718319893", "0.3893125355243683",
+                       "0.5016634166240692", "0.6427869200706482", "0.8614784181118011")
 
 
 # --------------------------------------------------------------------------- code books
@@ -255,7 +267,7 @@ def dequantize_absmax(codes: torch.Tensor, scales: torch.Tensor, code: torch.Ten
 def _scale_blocks(grid: torch.Tensor, absmax: torch.Tensor, n: int, cuda_rules: bool) -> torch.Tensor:
     """Each block divided by its absmax, the way the device's kernel does it."""
     if cuda_rules:
-        return grid * (1.0 / absmax)[:, None]  # 0 * inf = NaN for an all-zero block
+        return grid * gpu_reciprocal(absmax)[:, None]  # 0 * inf = NaN for an all-zero block
     safe = absmax.clamp(min=1e-38)
     scaled = grid * (1.0 / safe)[:, None]
     if n % grid.shape[1]:  # bitsandbytes' CPU path divides the partial last block instead
@@ -282,13 +294,67 @@ def _nearest_codes(scaled: torch.Tensor, code_levels: torch.Tensor) -> torch.Ten
 def _cuda_4bit_codes(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
     """bitsandbytes' CUDA decision trees (dQuantizeNF4 / dQuantizeFP4), vectorised."""
     nan = scaled.isnan()
-    if quant_type == "nf4":  # the tree's thresholds are the fp32 midpoints; `x > t` comparisons
-        codes = _nearest_codes(scaled, nf4_levels())
+    if quant_type == "nf4":  # bucketize counts the thresholds t with x > t: the tree's leaf, in code order
+        thresholds = torch.tensor([fp32_from_decimal(t) for t in CUDA_NF4_THRESHOLDS], device=scaled.device)
+        codes = torch.bucketize(scaled, thresholds, out_int32=True).to(torch.uint8)
     else:
-        thresholds = torch.tensor(CUDA_FP4_THRESHOLDS, dtype=torch.float32, device=scaled.device)
+        thresholds = torch.tensor([fp32_from_decimal(t) for t in CUDA_FP4_THRESHOLDS], device=scaled.device)
         magnitude = torch.tensor(CUDA_FP4_MAGNITUDE_CODES, device=scaled.device)[torch.bucketize(scaled.abs(), thresholds)]
         codes = (magnitude + 8 * (scaled < 0)).to(torch.uint8)
     return torch.where(nan, torch.zeros_like(codes), codes)  # every `x > t` is false for NaN
+
+
+
+def fp32_from_decimal(literal: str) -> float:
+    """The fp32 value a C compiler gives the literal `<literal>f`: the decimal rounded once, to nearest.
+
+    Not the same as float32(float(literal)), which rounds twice (to fp64, then to fp32) and
+    goes wrong when the fp64 value is an exact fp32 tie, as NF4's midpoints are.
+    Example: fp32_from_decimal("0.8614784181118011") -> 0.8614783883094788 (float32 of the float: 0.8614784479141235)
+    """
+    from fractions import Fraction
+
+    exact = Fraction(literal)
+    near = torch.tensor(float(exact), dtype=torch.float32)
+    candidates = [torch.nextafter(near, torch.tensor(-2.0)), near, torch.nextafter(near, torch.tensor(2.0))]
+    errors = [abs(Fraction(c.item()) - exact) for c in candidates]
+    best = min(errors)
+    ties = [c for c, e in zip(candidates, errors) if e == best]
+    return min(ties, key=lambda c: c.view(torch.int32).item() & 1).item()  # an exact tie goes to the even mantissa
+
+
+def gpu_reciprocal(x: torch.Tensor) -> torch.Tensor:
+    """1/x the way bitsandbytes' CUDA kernels compute it: the approximate MUFU.RCP (rcp.approx.ftz.f32).
+
+    On a CUDA tensor this runs that instruction through a one-line Triton kernel; elsewhere (or
+    without Triton) it returns the exact 1/x, which differs by at most an ulp.
+    Example: gpu_reciprocal(torch.tensor([0.0732421875], device="cuda")) -> tensor([13.6533327...])
+    """
+    x = x.float().contiguous()
+    kernel = _rcp_approx_kernel() if x.is_cuda else None
+    if kernel is None:
+        return 1.0 / x
+    out = torch.empty_like(x)
+    kernel[(-(-x.numel() // 1024),)](x, out, x.numel(), BLOCK=1024)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _rcp_approx_kernel():
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def rcp_approx(src, dst, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(src + i, mask=i < n, other=1.0)
+        y = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+        tl.store(dst + i, y, mask=i < n)
+
+    return rcp_approx
 
 
 def _cpu_lookup_table(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:

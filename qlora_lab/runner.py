@@ -17,6 +17,7 @@ updates `<out>/<profile>/summary.json` and `summary.md`:
 
 A failing notebook stops at its failing cell; the runner prints that cell's source and
 traceback, goes on with the next notebook (or stops, with --fail-fast) and exits non-zero.
+`--jobs N` runs up to N notebooks at once (the GPU suite uses it to stay within 10 minutes).
 """
 
 import argparse
@@ -163,32 +164,60 @@ def write_summary(summary: dict, profile_dir: Path) -> None:
     (profile_dir / "summary.md").write_text(format_summary(summary))
 
 
-def run_notebooks(notebooks: list[Path], profile: str, out: Path, overrides: dict | None = None,
-                  fail_fast: bool = False, progress: bool = True) -> dict:
-    """Run notebooks one after another, updating the summary after each; returns the summary.
+# Notebooks that read device-level GPU memory (mem_get_info, what nvidia-smi shows): with --jobs they
+# run alone, before the others, because another process's memory would show up in their numbers.
+RUN_ALONE = {"01_vram_budget", "06_paper_scale"}
 
-    Entries of notebooks not run this time stay in summary.json, so running one lab again
-    does not erase the others' results.
+
+def run_notebooks(notebooks: list[Path], profile: str, out: Path, overrides: dict | None = None,
+                  fail_fast: bool = False, progress: bool = True, jobs: int = 1) -> dict:
+    """Run notebooks, updating the summary after each; returns the summary.
+
+    jobs > 1 runs up to that many at once (each in its own kernel process: on a GPU whose
+    small-model steps are launch-bound this overlaps well), except the RUN_ALONE notebooks,
+    which run first, one at a time. Entries of notebooks not run this time stay in
+    summary.json, so running one lab again does not erase the others' results.
     """
+    import threading
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
     from tqdm.auto import tqdm
 
     if profile == "auto":
         profile = default_profile()
     if profile not in PROFILE_NAMES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {PROFILE_NAMES}")
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
     profile_dir = Path(out) / profile
     profile_dir.mkdir(parents=True, exist_ok=True)
     summary = load_summary(profile_dir, profile)
-    bar = tqdm(notebooks, desc=f"labs ({profile})", unit="notebook", disable=not progress)
-    for nb in bar:
-        bar.set_postfix_str(Path(nb).stem)
-        entry = run_notebook(nb, profile, profile_dir, overrides, progress=progress)
-        summary["notebooks"][Path(nb).stem] = entry
-        write_summary(summary, profile_dir)
-        if entry["error"]:
-            print(format_error(Path(nb).stem, entry["error"]), file=sys.stderr)
-            if fail_fast:
-                break
+    bar = tqdm(total=len(notebooks), desc=f"labs ({profile})", unit="notebook", disable=not progress)
+    lock, stop = threading.Lock(), threading.Event()
+
+    def run_one(nb: Path, cell_progress: bool) -> None:
+        if stop.is_set():
+            return
+        entry = run_notebook(nb, profile, profile_dir, overrides, progress=cell_progress)
+        with lock:
+            summary["notebooks"][Path(nb).stem] = entry
+            write_summary(summary, profile_dir)
+            bar.set_postfix_str(Path(nb).stem)
+            bar.update()
+            if entry["error"]:
+                print(format_error(Path(nb).stem, entry["error"]), file=sys.stderr)
+                if fail_fast:
+                    stop.set()
+
+    alone = [nb for nb in notebooks if jobs == 1 or Path(nb).stem in RUN_ALONE]
+    together = [nb for nb in notebooks if nb not in alone]
+    for nb in alone:
+        run_one(nb, progress)
+    if together:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            for future in as_completed([pool.submit(run_one, nb, False) for nb in together]):
+                future.result()
+    bar.close()
     return summary
 
 
@@ -232,11 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting of the profile, e.g. --set steps=20 (JSON values)")
     parser.add_argument("--fail-fast", action="store_true", help="stop at the first failing notebook")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="run up to N notebooks at once (the device-memory labs 01 and 06 still run alone)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     notebooks = find_notebooks(args.notebooks)
     summary = run_notebooks(notebooks, args.profile, Path(args.out), _parse_set(args.set),
-                            args.fail_fast, progress=not args.no_progress)
+                            args.fail_fast, progress=not args.no_progress, jobs=args.jobs)
     print("\n" + format_summary(summary))
     print(f"executed notebooks and summary.json: {Path(args.out) / summary['profile']}")
     ran = [summary["notebooks"].get(Path(nb).stem, {}) for nb in notebooks]

@@ -1,4 +1,6 @@
-"""Shared test setup: a tiny architecture shape for fast model tests, notebooks found once."""
+"""Shared test setup: a tiny architecture shape for fast model tests; the GPU suite's notebooks run once."""
+
+import os
 
 import pytest
 import torch
@@ -29,3 +31,28 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# How many lab notebooks the GPU suite runs at once (labs 01 and 06, which read device-level
+# memory, always run alone): small models are launch-bound, so sharing the GPU overlaps well.
+GPU_JOBS = int(os.environ.get("QLORA_LAB_GPU_JOBS", "5"))
+
+
+@pytest.fixture(scope="session")
+def gpu_lab(request):
+    """Runs the gpu profile of every lab whose selected test is marked @pytest.mark.lab("<stem>"),
+    all in one go (GPU_JOBS at a time), the first time a test asks; returns stem -> recorded results."""
+    from labrun import run_labs
+
+    from qlora_lab import runner
+
+    stems = sorted({marker.args[0] for item in request.session.items if "gpu_lab" in item.fixturenames
+                    for marker in item.iter_markers("lab")})
+    entries = run_labs(stems, "gpu", jobs=GPU_JOBS)
+
+    def results(stem: str) -> dict:
+        entry = entries[stem]
+        assert entry["status"] == "ok", runner.format_error(stem, entry["error"])
+        return entry["results"]
+
+    return results

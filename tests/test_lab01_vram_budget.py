@@ -15,9 +15,10 @@ def test_lab01_smoke():
 
 
 @pytest.mark.gpu
-def test_lab01_gpu():
+@pytest.mark.lab("01_vram_budget")
+def test_lab01_gpu(gpu_lab):
     """The calculator against torch.cuda.max_memory_allocated: every config within 10 %, median within 5 %."""
-    r = run_lab("01_vram_budget", profile="gpu")
+    r = gpu_lab("01_vram_budget")
     assert r["calc_device"] == "cuda" and r["calc_configs"] >= 12
     assert r["calc_max_abs_error"] <= 0.10 and r["calc_median_abs_error"] <= 0.05
     assert r["paged_state_outside_allocator"] is True

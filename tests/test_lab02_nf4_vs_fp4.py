@@ -29,9 +29,10 @@ def test_lab02_smoke():
 
 
 @pytest.mark.gpu
-def test_lab02_gpu():
+@pytest.mark.lab("02_nf4_vs_fp4")
+def test_lab02_gpu(gpu_lab):
     """The gpu profile: bit-exact with bitsandbytes' CUDA kernels on every real (random-shape) weight and odd sizes."""
-    r = run_lab("02_nf4_vs_fp4", profile="gpu")
+    r = gpu_lab("02_nf4_vs_fp4")
     assert r["bitexact_vs_bnb"] is True and r["bitexact_cases"] >= 900
     assert r["bnb_2d_dequant_values_differing"] == 0  # the CUDA kernel indexes absmax over the flat tensor
     assert r["nf4_mse"] < r["int4_mse"] and r["nf4_mse"] < r["fp4_mse"]  # random weights are normal: NF4's home

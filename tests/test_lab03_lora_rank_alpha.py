@@ -33,7 +33,8 @@ def test_lab03_smoke():
 
 
 @pytest.mark.gpu
-def test_lab03_gpu():
-    r = run_lab("03_lora_rank_alpha", profile="gpu")
+@pytest.mark.lab("03_lora_rank_alpha")
+def test_lab03_gpu(gpu_lab):
+    r = gpu_lab("03_lora_rank_alpha")
     check(r)
     assert r["grid_points"] >= 20

@@ -33,9 +33,10 @@ def test_lab04_smoke():
 
 
 @pytest.mark.gpu
-def test_lab04_gpu():
+@pytest.mark.lab("04_only_lora_trains")
+def test_lab04_gpu(gpu_lab):
     """On CUDA (a random SmolLM2 shape in 4-bit): the checker passes the correct setup, catches the broken ones."""
-    r = run_lab("04_only_lora_trains", profile="gpu")
+    r = gpu_lab("04_only_lora_trains")
     assert r["checks_passed"] == r["checks_total"] == 6
     assert r["cpu_repack_applies"] is False and r["negative_controls_total"] == 5
     assert r["negative_controls_caught"] == r["negative_controls_total"]

@@ -27,8 +27,9 @@ def test_lab05_smoke():
 
 
 @pytest.mark.gpu
-def test_lab05_gpu():
-    r = run_lab("05_qlora_finetune", profile="gpu")
+@pytest.mark.lab("05_qlora_finetune")
+def test_lab05_gpu(gpu_lab):
+    r = gpu_lab("05_qlora_finetune")
     check(r)
     assert r["memory_kind"] == "torch.cuda.max_memory_allocated"
     assert r["qlora_peak_bytes"] < r["lora_peak_bytes"]  # the 4-bit base is what QLoRA saves

@@ -18,9 +18,10 @@ def test_lab06_smoke():
 
 
 @pytest.mark.gpu
-def test_lab06_gpu():
+@pytest.mark.lab("06_paper_scale")
+def test_lab06_gpu(gpu_lab):
     """65B/70B/33B shapes built in NF4 on the GPU, trained, and measured against the calculator."""
-    r = run_lab("06_paper_scale", profile="gpu")
+    r = gpu_lab("06_paper_scale")
     assert r["paper_runs"] >= 4 and r["paper_max_abs_error"] <= 0.10
     for key in ("65b", "2_70b", "33b"):
         assert abs(r[f"paper_{key}_bits_per_param"] - 4.127) < 0.01

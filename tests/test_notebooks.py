@@ -71,7 +71,8 @@ def test_lab00_smoke():
 
 
 @pytest.mark.gpu
-def test_lab00_gpu():
-    r = run_lab("00_environment", profile="gpu")
+@pytest.mark.lab("00_environment")
+def test_lab00_gpu(gpu_lab):
+    r = gpu_lab("00_environment")
     assert r["cuda"] is True and r["bnb_backend"] == "CUDA"
     assert r["params_total"] == 134_515_008 and r["footprint_bytes"] < r["params_total"]

@@ -208,6 +208,32 @@ def test_cuda_rules_differ_from_cpu_only_where_the_kernels_do():
     assert torch.equal(quant.quantize(nf4, "nf4", rules="cpu")[0], quant.quantize(nf4, "nf4", rules="cuda")[0])
 
 
+def test_fp32_from_decimal_rounds_once():
+    from fractions import Fraction
+
+    for literal in quant.CUDA_NF4_THRESHOLDS + quant.CUDA_FP4_THRESHOLDS + ("0.1", "-2.5e-3", "1"):
+        got = torch.tensor(quant.fp32_from_decimal(literal))
+        up, down = torch.nextafter(got, torch.tensor(9.0)), torch.nextafter(got, torch.tensor(-9.0))
+        error = abs(Fraction(got.item()) - Fraction(literal))
+        assert error <= abs(Fraction(up.item()) - Fraction(literal)) and error <= abs(Fraction(down.item()) - Fraction(literal))
+
+
+def test_cuda_nf4_thresholds_are_midpoints_but_at_exact_ties():
+    """The kernel's thresholds equal the fp32 midpoints, except where the midpoint is an exact fp32 tie:
+    there the literal's last digit picks a neighbour, one ulp away (what double rounding gets wrong)."""
+    levels = quant.nf4_levels().sort().values.double()
+    exact_mid = (levels[:-1] + levels[1:]) / 2  # exact in fp64
+    moved = 0
+    for literal, mid in zip(quant.CUDA_NF4_THRESHOLDS, exact_mid):
+        t = torch.tensor(quant.fp32_from_decimal(literal))
+        mid32 = mid.float()
+        if t != mid32:
+            moved += 1
+            is_tie = abs(mid32.double() - mid) == abs(torch.nextafter(mid32, t).double() - mid)
+            assert is_tie and torch.nextafter(mid32, t) == t
+    assert moved >= 1
+
+
 def test_cuda_rules_zero_block_gets_code_zero():
     w = torch.zeros(128)
     w[:64] = 1.0
@@ -304,7 +330,7 @@ def test_same_as_bitsandbytes_cuda_random(quant_type, double_quant, blocksize):
 def test_exact_ties_round_like_bitsandbytes_cuda(quant_type, absmax):
     levels = quant.levels(quant_type).sort().values
     midpoints = (levels[:-1] + levels[1:]) / 2
-    literals = torch.tensor(quant.CUDA_FP4_THRESHOLDS)
+    literals = torch.tensor([quant.fp32_from_decimal(t) for t in quant.CUDA_FP4_THRESHOLDS])
     row = torch.cat([torch.tensor([1.0]), midpoints, -midpoints, torch.nextafter(midpoints, levels[1:]), levels,
                      literals, torch.nextafter(literals, torch.ones(7)), -literals, torch.tensor([1e-9, -1e-9, 0.0, -0.0])])
     w = (row * absmax).repeat(3)[:-7].to(CUDA)

@@ -64,6 +64,21 @@ def test_run_records_results_and_summary(tmp_path):
     assert read_results(tmp_path / "runs" / "smoke" / "01_ok.ipynb")["profile_used"] == "smoke"
 
 
+def test_jobs_run_notebooks_at_once_but_the_device_memory_labs_alone(tmp_path, monkeypatch):
+    """Three notebooks that each sleep 2 s: with jobs=2 the two ordinary ones overlap, the run-alone one does not."""
+    cell = ("import time\nfrom qlora_lab import record\nstart = time.time()\ntime.sleep(2)\n"
+            "record('span', [start, time.time()])")
+    alone, a, b = (_notebook(tmp_path / f"{name}.ipynb", cell) for name in ("06_alone", "07_a", "08_b"))
+    monkeypatch.setattr(runner, "RUN_ALONE", {"06_alone"})
+    summary = runner.run_notebooks([a, alone, b], "smoke", tmp_path / "runs", progress=False, jobs=2)
+    spans = {name: entry["results"]["span"] for name, entry in summary["notebooks"].items()}
+    assert all(entry["status"] == "ok" for entry in summary["notebooks"].values())
+    assert spans["07_a"][0] < spans["08_b"][1] and spans["08_b"][0] < spans["07_a"][1]  # overlapped
+    assert spans["06_alone"][1] <= min(spans["07_a"][0], spans["08_b"][0])  # ran first, by itself
+    with pytest.raises(ValueError, match="jobs"):
+        runner.run_notebooks([a], "smoke", tmp_path / "runs", progress=False, jobs=0)
+
+
 def test_failing_notebook_fails_the_run_and_names_the_cell(tmp_path, capsys):
     nb = _notebook(tmp_path / "02_bad.ipynb",
                    "from qlora_lab import record\nrecord('before_failure', 1)",
