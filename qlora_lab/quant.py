@@ -246,9 +246,10 @@ def quantize_absmax(centered: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE,
     blocks = -(-n // blocksize)
     grid = torch.nn.functional.pad(centered.float(), (0, blocks * blocksize - n)).view(blocks, blocksize)
     scale = grid.abs().amax(dim=1)  # (blocks,)
-    scaled = grid * (1.0 / scale)[:, None]  # NaN in an all-zero block: both kernels give it code 0
-    code = dynamic_map().to(centered.device)
     rules = _check_rules(rules, centered)
+    reciprocal = gpu_reciprocal(scale) if rules == "cuda" else 1.0 / scale  # the CUDA kernel's is MUFU.RCP too
+    scaled = grid * reciprocal[:, None]  # NaN in an all-zero block: both kernels give it code 0
+    code = dynamic_map().to(centered.device)
     q = _cuda_binary_search(scaled, code) if rules == "cuda" else _cpu_lookup_table(scaled, code)
     q = torch.where(scale[:, None] == 0, torch.zeros_like(q), q)
     return q.reshape(-1)[:n], scale
