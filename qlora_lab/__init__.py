@@ -9,6 +9,13 @@ only when a module that needs them is imported.
     runner   run the lab notebooks with papermill under a profile; summaries
     results  record(name, value): a notebook's key results, read back by the runner
     env      versions and device report
+    vram     the VRAM calculator: where every byte of a training step goes, and solvers
+    measure  measured memory of real training steps (CUDA allocator, or live tensors on a CPU)
+    quant    NF4/FP4/INT4 from scratch, bit-exact with bitsandbytes (CPU and CUDA)
+    lora     LoRA through peft: configs, parameter counts, the cached r/alpha sweep
+    checks   the only-LoRA-trains checker
+    train    evaluation (exact match), Trainer fine-tuning, save, reload, merge
+    plots    one function per figure;  widgets: the interactive panels
 """
 
 from qlora_lab.results import record

@@ -42,7 +42,8 @@ def to_jsonable(value):
 
 
 def record(name: str, value):
-    """Record one named result of this notebook run and show it; returns the stored value.
+    """Record one named result of this notebook run and show it (returns None, so a notebook
+    does not echo the value a second time when record is a cell's last line).
 
     Example: record("accuracy_after", 0.83)  # shows "recorded accuracy_after = 0.83"
     """
@@ -62,7 +63,6 @@ def record(name: str, value):
         display({RESULT_MIME: {name: value}, "text/plain": f"recorded {name} = {text}"}, raw=True)
     else:
         print(f"recorded {name} = {text}")
-    return value
 
 
 def recorded() -> dict:

@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -158,7 +159,7 @@ def load_summary(profile_dir: Path, profile: str) -> dict:
 
 def write_summary(summary: dict, profile_dir: Path) -> None:
     profile_dir = Path(profile_dir)
-    tmp = profile_dir / "summary.json.partial"
+    tmp = profile_dir / f"summary.json.{os.getpid()}.{threading.get_ident()}.partial"  # one per writer
     tmp.write_text(json.dumps(summary, indent=1))
     tmp.replace(profile_dir / "summary.json")
     (profile_dir / "summary.md").write_text(format_summary(summary))
@@ -178,7 +179,6 @@ def run_notebooks(notebooks: list[Path], profile: str, out: Path, overrides: dic
     which run first, one at a time. Entries of notebooks not run this time stay in
     summary.json, so running one lab again does not erase the others' results.
     """
-    import threading
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     from tqdm.auto import tqdm

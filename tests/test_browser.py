@@ -1,6 +1,6 @@
 """The labs as learners meet them: JupyterLab in a real (headless) Chromium, driven by Playwright.
 
-The test starts JupyterLab on a free loopback port with QLORA_LAB_PROFILE=smoke (so every lab's
+The test starts JupyterLab on a copy of labs/, on a free loopback port, with QLORA_LAB_PROFILE=smoke (so every lab's
 `profile = "auto"` runs its quick version), opens lab 01, runs all cells, moves two controls of
 the VRAM panel and checks that the predicted peak and the chart change; then opens every other
 lab, runs it, and checks that no cell shows an error. Screenshots land in runs/browser/.
@@ -31,6 +31,9 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 
 pytestmark = [
     pytest.mark.notebooks,
+    # one pytest-xdist worker runs every browser test (one JupyterLab server) and lab 05's smoke test,
+    # whose checkpoint folder in the cache the browser's lab 05 run uses too
+    pytest.mark.xdist_group("browser"),
     pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (apt-get install chromium; `make test` does it on Debian)"),
 ]
 
@@ -42,8 +45,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def jupyterlab():
-    """A JupyterLab server on the repository, smoke profile, stopped after the module."""
+def jupyterlab(tmp_path_factory):
+    """A JupyterLab server on a copy of labs/ (JupyterLab autosaves outputs into the notebooks it runs,
+    and the committed ones must stay clean), smoke profile, stopped after the module."""
+    root = tmp_path_factory.mktemp("jupyterlab-root")
+    shutil.copytree(runner.LABS_DIR, root / "labs")
+    committed = {p.name: p.read_bytes() for p in runner.LABS_DIR.glob("*.ipynb")}
     port = _free_port()
     settings = SHOTS.parent / "browser-settings"  # JupyterLab user settings for the test: no news pop-up,
     for plugin, values in {"apputils-extension/notification": '{"fetchNews": "false"}',  # every cell in the DOM
@@ -54,7 +61,7 @@ def jupyterlab():
     env = {**os.environ, "QLORA_LAB_PROFILE": "smoke", "JUPYTERLAB_SETTINGS_DIR": str(settings),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(runner.REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--allow-root", f"--port={port}", "--ip=127.0.0.1",
-           f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={runner.REPO_ROOT}",
+           f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={root}",
            "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=None",
            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
     SHOTS.mkdir(parents=True, exist_ok=True)
@@ -73,6 +80,8 @@ def jupyterlab():
         else:
             pytest.fail("JupyterLab did not answer within 60 s")
         yield base
+        assert committed == {p.name: p.read_bytes() for p in runner.LABS_DIR.glob("*.ipynb")}, \
+            "running the labs in the browser changed the committed notebooks"
     finally:
         server.terminate()
         try:

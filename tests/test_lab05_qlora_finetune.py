@@ -17,6 +17,7 @@ def check(r: dict):
 
 
 @pytest.mark.notebooks
+@pytest.mark.xdist_group("browser")  # not at the same time as the browser test's lab 05 (same checkpoint folder)
 def test_lab05_smoke():
     r = run_lab("05_qlora_finetune")
     check(r)
