@@ -95,10 +95,12 @@ class LiveTensorBytes(TorchDispatchMode):
 
 
 def _live_tensors():
-    """Every real tensor the garbage collector knows (skips meta tensors and tensor subclasses
-    without storage, e.g. FakeTensors another library left alive)."""
+    """Every real tensor the garbage collector knows (skips weak proxies, meta tensors and tensor
+    subclasses without storage, e.g. FakeTensors another library left alive)."""
     tensors = []
     for o in gc.get_objects():
+        if type(o) in weakref.ProxyTypes:  # isinstance() on a dead proxy raises ReferenceError
+            continue
         if isinstance(o, torch.Tensor) and o.device.type != "meta":
             try:
                 o.untyped_storage().data_ptr()

@@ -106,9 +106,11 @@ RUN_ALL = """async path => { for (const w of window.jupyterapp.shell.widgets('ma
     await window.jupyterapp.commands.execute('notebook:run-all-cells'); } } }"""
 SHUTDOWN = """async path => { for (const w of window.jupyterapp.shell.widgets('main')) {
   if (w.context && w.context.path === path) await w.sessionContext.shutdown(); } }"""
-NOTEBOOK = """path => { for (const w of window.jupyterapp.shell.widgets('main')) {
+NOTEBOOK = """path => { if (!window.jupyterapp) return false;  // the page is still starting
+  for (const w of window.jupyterapp.shell.widgets('main')) {
   if (w.context && w.context.path === path && w.content && w.content.widgets.length > 0) return true; } return false; }"""
 STATE = """path => {
+  if (!window.jupyterapp) return null;
   let panel = null;
   for (const w of window.jupyterapp.shell.widgets('main')) { if (w.context && w.context.path === path) panel = w; }
   if (!panel || !panel.content || !panel.sessionContext.session) return null;

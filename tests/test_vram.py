@@ -209,3 +209,18 @@ def test_live_tensor_bytes_ignores_fake_tensors_left_alive():
     with measure.LiveTensorBytes() as live:
         x = torch.ones(1024, dtype=torch.float32)  # 4 KiB
     assert live.peak == x.untyped_storage().nbytes() == 4096
+
+
+def test_live_tensor_bytes_ignores_dead_weak_proxies():
+    """Regression: a dead weakref.proxy in the process (ipywidgets leave some) made isinstance() raise."""
+    import weakref
+
+    class Thing:
+        pass
+
+    thing = Thing()
+    proxy = weakref.proxy(thing)  # noqa: F841 (kept alive on purpose, its referent is not)
+    del thing
+    with measure.LiveTensorBytes() as live:
+        x = torch.ones(256)
+    assert live.peak == x.untyped_storage().nbytes()
