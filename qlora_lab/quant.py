@@ -295,15 +295,20 @@ def _nearest_codes(scaled: torch.Tensor, code_levels: torch.Tensor) -> torch.Ten
 def _cuda_4bit_codes(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
     """bitsandbytes' CUDA decision trees (dQuantizeNF4 / dQuantizeFP4), vectorised."""
     nan = scaled.isnan()
+    thresholds = torch.tensor(_cuda_thresholds(quant_type), device=scaled.device)
     if quant_type == "nf4":  # bucketize counts the thresholds t with x > t: the tree's leaf, in code order
-        thresholds = torch.tensor([fp32_from_decimal(t) for t in CUDA_NF4_THRESHOLDS], device=scaled.device)
         codes = torch.bucketize(scaled, thresholds, out_int32=True).to(torch.uint8)
     else:
-        thresholds = torch.tensor([fp32_from_decimal(t) for t in CUDA_FP4_THRESHOLDS], device=scaled.device)
         magnitude = torch.tensor(CUDA_FP4_MAGNITUDE_CODES, device=scaled.device)[torch.bucketize(scaled.abs(), thresholds)]
         codes = (magnitude + 8 * (scaled < 0)).to(torch.uint8)
     return torch.where(nan, torch.zeros_like(codes), codes)  # every `x > t` is false for NaN
 
+
+@functools.lru_cache(maxsize=None)
+def _cuda_thresholds(quant_type: str) -> tuple[float, ...]:
+    """The CUDA tree's thresholds as fp32 values, converted once per format."""
+    literals = CUDA_NF4_THRESHOLDS if quant_type == "nf4" else CUDA_FP4_THRESHOLDS
+    return tuple(fp32_from_decimal(t) for t in literals)
 
 
 def fp32_from_decimal(literal: str) -> float:

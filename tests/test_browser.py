@@ -160,6 +160,15 @@ def close(page, stem: str):
         page.close()
 
 
+def wait_for_redraw(page, panel, old_peak: str, old_chart: str) -> tuple[str, str]:
+    """Wait until the VRAM panel shows a new predicted peak and a new chart; returns (peak text, chart src)."""
+    page.wait_for_function("t => document.querySelector('.qlora-peak-gib').textContent !== t", arg=old_peak,
+                           timeout=15_000)
+    page.wait_for_function("s => { const i = document.querySelector('.qlora-peak').closest('.widget-vbox')"
+                           ".querySelector('img'); return i && i.src !== s; }", arg=old_chart, timeout=15_000)
+    return panel.locator(".qlora-peak-gib").first.inner_text(), panel.locator("img").first.get_attribute("src")
+
+
 def test_lab01_panel_updates_in_the_browser(browser, jupyterlab):
     page, state = open_and_run(browser, jupyterlab, "01_vram_budget")
     try:
@@ -173,23 +182,13 @@ def test_lab01_panel_updates_in_the_browser(browser, jupyterlab):
         before_peak, before_chart = peak.inner_text(), panel.locator("img").first.get_attribute("src")
         page.screenshot(path=str(SHOTS / "01_vram_budget_before.png"), full_page=False)
         panel.locator(".widget-toggle-button", has_text="full").first.click()  # method: qlora -> full
-        page.wait_for_function("t => document.querySelector('.qlora-peak-gib').textContent !== t", arg=before_peak,
-                               timeout=15_000)
-        after_method = peak.inner_text()
-        page.wait_for_function("s => { const i = document.querySelector('.qlora-peak').closest('.widget-vbox')"
-                               ".querySelector('img'); return i && i.src !== s; }", arg=before_chart, timeout=15_000)
-        method_chart = panel.locator("img").first.get_attribute("src")
+        after_method, method_chart = wait_for_redraw(page, panel, before_peak, before_chart)
         slider = panel.locator(".widget-hslider", has_text="batch").first
         slider.locator(".widget-readout").first.click()  # the slider's number is editable
         page.keyboard.press("Control+A")
         page.keyboard.type("16")
         page.keyboard.press("Enter")
-        page.wait_for_function("t => document.querySelector('.qlora-peak-gib').textContent !== t", arg=after_method,
-                               timeout=15_000)
-        after_batch = peak.inner_text()
-        page.wait_for_function("s => { const i = document.querySelector('.qlora-peak').closest('.widget-vbox')"
-                               ".querySelector('img'); return i && i.src !== s; }", arg=method_chart, timeout=15_000)
-        after_chart = panel.locator("img").first.get_attribute("src")
+        after_batch, after_chart = wait_for_redraw(page, panel, after_method, method_chart)
         page.screenshot(path=str(SHOTS / "01_vram_budget_after.png"), full_page=False)
         assert float(after_method) > float(before_peak)  # full fine-tuning needs more than QLoRA
         assert float(after_batch) > float(after_method)  # 16 sequences need more than 4
