@@ -9,6 +9,8 @@
 
 import sys
 
+# Each command imports its module when it runs: `env --check` must work before torch is installed
+# (make install asks it what is missing), and `--help` should not wait for torch.
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -22,9 +24,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     command, rest = argv[0], argv[1:]
     if command == "vram":
-        from qlora_lab import vram
+        from qlora_lab import budget
 
-        return vram.main(rest)
+        return budget.main(rest)
     if command == "run":
         from qlora_lab import runner
 

@@ -41,6 +41,9 @@ from dataclasses import dataclass, field
 from html import escape
 
 import torch
+from bitsandbytes import functional as bnbf
+
+from qlora_lab.shapes import logical_numel
 
 ALLOWED_BY_DEFAULT = ("modules_to_save", "trainable_tokens_")  # peft's names for parts trained on purpose
 SHOW_NAMES = 3  # offenders named in one failure sentence before "and N more"
@@ -91,15 +94,6 @@ def named_unique_parameters(model) -> dict[str, tuple[torch.nn.Parameter, list[s
     return out
 
 
-def logical_numel(p: torch.Tensor) -> int:
-    """Values a parameter represents: a packed 4-bit weight counts its unpacked shape.
-
-    Example: logical_numel(q_proj.weight)  # Params4bit (165888, 1) uint8 -> 331776 (= 576 * 576)
-    """
-    state = getattr(p, "quant_state", None)
-    return state.shape.numel() if state is not None else p.numel()
-
-
 # --------------------------------------------------------------------------- fingerprints
 
 
@@ -142,8 +136,6 @@ def canonical_digest(packed: torch.Tensor, state) -> str:
     absmax by its dequantized value in bf16, so both layouts map to the same pair. In the
     standard layout the codes are the packed bytes themselves.
     """
-    from bitsandbytes import functional as bnbf
-
     if getattr(state, "packing_format_for_cpu", False):
         codes, _ = bnbf._convert_weight_packed_for_cpu_inverse(packed.clone(), copy.deepcopy(state))
         return digest(codes) + digest(state.absmax.T.reshape(-1))  # absmax stored (blocks per row, rows) in bf16
@@ -152,8 +144,6 @@ def canonical_digest(packed: torch.Tensor, state) -> str:
 
 def _absmax_digest(state) -> str:
     """The per-block scales of a standard-layout quant state, dequantized and rounded to bf16, hashed."""
-    from bitsandbytes import functional as bnbf
-
     absmax = state.absmax
     if state.nested:
         absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
@@ -183,6 +173,7 @@ class Check:
     passed: bool  # the verdict
     detail: str  # what was measured, one line
     problems: list[str] = field(default_factory=list)  # readable sentences naming offenders (empty if passed)
+    notes: list[str] = field(default_factory=list)  # explanations that are not failures
 
 
 @dataclass
@@ -217,6 +208,9 @@ class OnlyLoraReport:
             raise OnlyLoraError("only-LoRA-trains check failed:\n- " + "\n- ".join(self.failures))
         return self
 
+    def __repr__(self) -> str:  # the readable table, also in papermill's text/plain output
+        return str(self)
+
     def __str__(self) -> str:
         width = max(len(c.name) for c in self.checks)
         lines = [f"{'check'.ljust(width)}  result  measured"]
@@ -241,6 +235,287 @@ class OnlyLoraReport:
 # --------------------------------------------------------------------------- the checker
 
 
+def check_only_lora_trains(model, optimizer, step_fn, allow: tuple[str, ...] = ALLOWED_BY_DEFAULT,
+                           second_step: bool = True) -> OnlyLoraReport:
+    """Run step_fn() (one real training step) and check that it trained exactly the LoRA adapters.
+
+    allow: name fragments of parameters trained on purpose besides LoRA (default: peft's
+    modules_to_save and trainable tokens). second_step: when some LoRA A had no gradient at
+    step 1 only because its B was still zero, run step_fn() once more to see A learn.
+    Example:
+        step = lambda: training_step(model, optimizer, batch)
+        check_only_lora_trains(model, optimizer, step).raise_if_failed()
+    """
+    roles = Roles.of(model, allow)
+    checks = [check_trainable_is_lora(roles), check_optimizer_holds_trainable(roles, optimizer)]  # 1, 2: static
+    run = run_watched(roles, step_fn, second_step)
+    if run.error is not None:
+        checks += [Check(name, False, "not measured: the step failed", [_explain_step_error(run.error)] * (i == 1))
+                   for i, name in enumerate(("base unchanged", "LoRA moved", "no gradient on frozen", "4-bit gradient path"))]
+    else:
+        checks += [check_base_unchanged(roles, run), check_lora_moved(roles, optimizer, run, second_step),
+                   check_no_gradient_on_frozen(roles, run), check_4bit_gradient_path(roles, run)]
+    return OnlyLoraReport(checks, roles.counts, roles.ratio, run.losses, run.steps, run.lora_stats if run.error is None else {},
+                          [note for c in checks for note in c.notes],
+                          error=None if run.error is None else f"{type(run.error).__name__}: {run.error}".splitlines()[0])
+
+
+@dataclass
+class Roles:
+    """Who is who among a model's parameters, by the first name of each tensor (tied weights once)."""
+
+    params: dict  # name -> (parameter, other names of the same tensor)
+    adapters: list  # LoRA tensors
+    expected: set  # tensors that may train: adapters and the parts `allow` names
+    trainable: set  # tensors with requires_grad now
+    base: list  # everything else: must stay frozen and unchanged
+    counts: dict  # logical parameter counts: total, trainable, lora, quantized, naive_total
+
+    @classmethod
+    def of(cls, model, allow: tuple[str, ...]) -> "Roles":
+        params = named_unique_parameters(model)
+        adapters = [n for n in params if is_lora_name(n)]
+        expected = set(adapters) | {n for n in params if n not in adapters and any(a in n for a in allow)}
+        trainable = {n for n, (p, _) in params.items() if p.requires_grad}
+        tensors = [p for p, _ in params.values()]
+        counts = {"total": sum(map(logical_numel, tensors)), "trainable": sum(logical_numel(params[n][0]) for n in trainable),
+                  "lora": sum(params[n][0].numel() for n in adapters),
+                  "quantized": sum(logical_numel(p) for p in tensors if getattr(p, "quant_state", None) is not None),
+                  "naive_total": sum(p.numel() for p in tensors)}
+        return cls(params, adapters, expected, trainable, [n for n in params if n not in expected], counts)
+
+    @property
+    def ratio(self) -> float:
+        return self.counts["trainable"] / max(self.counts["total"], 1)
+
+    def watched(self) -> list[str]:
+        """Adapters (and declared parts) that are trainable and so should move."""
+        return sorted(self.trainable & self.expected)
+
+
+@dataclass
+class WatchedRun:
+    """What happened during the checked step(s): losses, gradients, values before and after."""
+
+    losses: list = field(default_factory=list)  # what step_fn returned at each step
+    steps: int = 0  # steps run
+    error: Exception | None = None  # what the step raised, if it raised
+    grads: list = field(default_factory=list)  # per step: {name: gradient norm accumulated}
+    before: dict = field(default_factory=dict)  # watched tensors before step 1
+    after: list = field(default_factory=list)  # per step: {name: tensor after it}
+    base_before: dict = field(default_factory=dict)  # fingerprints of frozen tensors before
+    base_after: dict = field(default_factory=dict)  # ... and after
+    deferred: list = field(default_factory=list)  # A tensors with zero gradient at step 1 because B was zero
+    lora_stats: dict = field(default_factory=dict)  # step-1 story of A and B, filled by check_lora_moved
+
+
+def run_watched(roles: Roles, step_fn, second_step: bool) -> WatchedRun:
+    """Run step_fn() with gradient hooks and snapshots; a second step for A tensors that could not learn at step 1."""
+    run, grads = WatchedRun(), {}
+    hooks = [p.register_post_accumulate_grad_hook(lambda p, n=n: grads.__setitem__(n, float(p.grad.detach().float().norm())))
+             for n, (p, _) in roles.params.items() if p.requires_grad]
+    run.base_before, saved = _fingerprint_base(roles)
+    watched = roles.watched()
+    run.before = {n: roles.params[n][0].detach().clone() for n in watched}
+    _step(roles, run, step_fn, grads, watched)
+    b_was_zero = {n for n in watched if lora_partner(n) in run.before and not run.before[lora_partner(n)].any()}
+    run.deferred = [n for n in watched if is_lora_name(n) and run.grads[0].get(n, 0.0) == 0.0 and n in b_was_zero]
+    retry = [a for a in run.deferred if not torch.equal(run.before[lora_partner(a)], run.after[0][lora_partner(a)])]
+    if run.error is None and second_step and retry:
+        _step(roles, run, step_fn, grads, retry)
+    for h in hooks:
+        h.remove()
+    run.base_after = {n: fingerprint(roles.params[n][0]) for n in roles.base}
+    for n in roles.base:  # a layout change (CPU repack) during the step: compare in the canonical layout
+        if run.base_before[n]["layout"] != run.base_after[n]["layout"]:
+            data, state = saved[n]
+            run.base_before[n]["canonical"] = (run.base_before[n]["packed bytes"] + _absmax_digest(state) if data is None
+                                               else canonical_digest(data, state))
+            run.base_after[n]["canonical"] = canonical_digest(roles.params[n][0].data, roles.params[n][0].quant_state)
+    return run
+
+
+def _fingerprint_base(roles: Roles) -> tuple[dict, dict]:
+    """Fingerprints of every frozen tensor, plus copies of the 4-bit ones' data and quant state, to compare
+    canonically if the step changes a layer's layout (the CPU repack)."""
+    before = {n: fingerprint(roles.params[n][0]) for n in roles.base}
+    saved = {n: (roles.params[n][0].data.clone() if is_cpu_repacked(roles.params[n][0]) else None,
+                 copy.deepcopy(roles.params[n][0].quant_state)) for n in roles.base if before[n]["layout"] != "plain"}
+    return before, saved
+
+
+def _step(roles: Roles, run: WatchedRun, step_fn, grads: dict, keep: list[str]) -> None:
+    """One step_fn() call: its loss (or error), the gradients it accumulated, the kept tensors after it."""
+    grads.clear()
+    try:
+        run.losses.append(_as_number(step_fn()))
+    except Exception as err:  # reported as a failure, with the likely cause
+        run.error = err
+    run.steps += 1
+    run.grads.append(dict(grads))
+    run.after.append({n: roles.params[n][0].detach().clone() for n in keep})
+
+
+def check_trainable_is_lora(roles: Roles) -> Check:
+    """1. The trainable parameters are LoRA adapters (or declared on purpose), counted at logical size."""
+    wrong, problems, notes = sorted(roles.trainable - roles.expected), [], []
+    if not roles.trainable:
+        problems.append("nothing is trainable: every parameter has requires_grad=False. Did get_peft_model run, "
+                        "did target_modules match any layer, is the LoraConfig in inference_mode?")
+    elif not roles.adapters:
+        problems.append("the model has no LoRA adapters (get_peft_model was not called, or target_modules matched nothing).")
+    if wrong:
+        size = sum(logical_numel(roles.params[n][0]) for n in wrong)
+        aliases = [f"{n} (shared with {', '.join(roles.params[n][1])})" if roles.params[n][1] else n for n in wrong]
+        problems.append(f"{len(wrong)} base tensor(s) are trainable but are not LoRA adapters ({size:,} parameters): "
+                        f"{_short(aliases)}. Freeze them (requires_grad_(False)), or declare them on purpose "
+                        f"with modules_to_save.")
+    frozen_adapters = [n for n in roles.adapters if n not in roles.trainable]
+    if frozen_adapters and roles.trainable:
+        notes.append(f"{len(frozen_adapters)} LoRA tensor(s) are frozen, e.g. {_short(frozen_adapters)}.")
+    c = roles.counts
+    return Check("trainable = LoRA", not problems, f"{c['trainable']:,} of {c['total']:,} parameters trainable "
+                 f"({roles.ratio:.3%}); {len(roles.trainable)} tensors, {len(wrong)} not LoRA", problems, notes)
+
+
+def check_optimizer_holds_trainable(roles: Roles, optimizer) -> Check:
+    """2. The optimizer holds exactly the trainable parameters."""
+    groups = _optimizer_groups(optimizer)
+    name_of = {id(p): n for n, (p, _) in roles.params.items()}
+    in_opt = {name_of[i] for i in groups if i in name_of}
+    stale = [i for i in groups if i not in name_of]
+    frozen_in_opt, missing = sorted(in_opt - roles.trainable), sorted(roles.trainable - in_opt)
+    problems = []
+    if frozen_in_opt:
+        problems.append(f"the optimizer holds {len(frozen_in_opt)} frozen tensor(s), e.g. {_short(frozen_in_opt)}: it was "
+                        f"built over model.parameters(). Build it over the trainable ones only: "
+                        f"[p for p in model.parameters() if p.requires_grad].")
+    if missing:
+        problems.append(f"{len(missing)} trainable tensor(s) are not in the optimizer and will never be updated, "
+                        f"e.g. {_short(missing)}. Was the optimizer built before get_peft_model added the adapters?")
+    if stale:
+        problems.append(f"the optimizer holds {len(stale)} tensor(s) that are not parameters of this model "
+                        f"(an optimizer built for another model object?).")
+    return Check("optimizer = trainable", not problems,
+                 f"optimizer holds {len(groups)} tensors: {len(in_opt & roles.trainable)} trainable, "
+                 f"{len(frozen_in_opt)} frozen, {len(stale)} foreign; {len(missing)} trainable missing", problems)
+
+
+def check_base_unchanged(roles: Roles, run: WatchedRun) -> Check:
+    """3. Every frozen tensor is bit-identical after the step (4-bit: packed bytes and quant state)."""
+    before, after = run.base_before, run.base_after
+    changed = [n for n in roles.base if not same_values(before[n], after[n])]
+    repacked_same = [n for n in roles.base if before[n]["layout"] != after[n]["layout"] and n not in changed]
+    problems = []
+    if changed:
+        parts = sorted({p for n in changed for p in changed_parts(before[n], after[n])})
+        problems.append(f"{len(changed)} base tensor(s) changed during the step ({', '.join(parts)}): {_short(changed)}. "
+                        f"Something besides LoRA is being trained.")
+    notes = [f"{len(repacked_same)} 4-bit weight(s) changed layout during the step (bitsandbytes' CPU inference "
+             f"repack) with unchanged values (compared in a canonical layout): not training."] if repacked_same else []
+    n4 = sum(before[n]["layout"] != "plain" for n in roles.base)
+    return Check("base unchanged", not changed, f"{len(roles.base) - len(changed)} of {len(roles.base)} base tensors "
+                 f"bit-identical ({n4} 4-bit: packed bytes + quant state hashed)", problems, notes)
+
+
+def check_lora_moved(roles: Roles, optimizer, run: WatchedRun, second_step: bool) -> Check:
+    """4. Every trainable adapter changed, with the step-1 story of A (zero gradient while B is zero)."""
+    watched, groups = roles.watched(), _optimizer_groups(optimizer)
+    in_opt = {n for n in watched if id(roles.params[n][0]) in groups}
+    stats = run.lora_stats = _step1_stats(roles, groups, in_opt, run)
+    stuck = [(n, reason) for n in watched if (reason := _why_stuck(n, in_opt, run, second_step))]
+    problems = [] if watched else ["no trainable LoRA adapter exists, so nothing can learn: the step ran and changed nothing."]
+    for reason in sorted({r for _, r in stuck}):
+        names = [n for n, r in stuck if r == reason]
+        problems.append(f"{len(names)} trainable tensor(s) did not move: {reason}: {_short(names)}.")
+    return Check("LoRA moved", not problems,
+                 f"{len(watched) - len(stuck)} of {len(watched)} trainable tensors moved "
+                 f"(B at step 1: {stats['B moved at step 1']}/{stats['B']}; A at step 1: {stats['A moved at step 1']}/"
+                 f"{stats['A']}, {stats['A moved by weight decay only']} by weight decay only; A at step 2: "
+                 f"{stats['A moved at step 2']})", problems, [_step1_note(optimizer, run)] if run.deferred else [])
+
+
+def _moved(run: WatchedRun, name: str) -> bool:
+    """Whether a watched tensor changed at step 1."""
+    return not torch.equal(run.before[name], run.after[0][name])
+
+
+def _learned_at_step2(run: WatchedRun, name: str) -> bool:
+    """A second step ran, gave this tensor a gradient, and moved it."""
+    return (run.steps == 2 and name in run.after[1] and run.grads[1].get(name, 0.0) > 0
+            and not torch.equal(run.after[0][name], run.after[1][name]))
+
+
+def _step1_stats(roles: Roles, groups: dict, in_opt: set, run: WatchedRun) -> dict:
+    """Counts of LoRA A and B tensors by what happened to them at steps 1 and 2."""
+    stats = {"A": 0, "B": 0, "A zero grad at step 1": len(run.deferred), "A moved at step 1": 0,
+             "A moved by weight decay only": 0, "A moved at step 2": 0, "B moved at step 1": 0}
+    for n in roles.watched():
+        kind = "A" if lora_partner(n) else ("B" if is_lora_name(n) and ("lora_B" in n or "lora_embedding_B" in n) else None)
+        if kind:
+            stats[kind] += 1
+            stats[f"{kind} moved at step 1"] += _moved(run, n)
+        if n in run.deferred and n in in_opt:
+            group = groups[id(roles.params[n][0])]
+            decay = group.get("lr", 0.0) * group.get("weight_decay", 0.0)
+            change = float((run.after[0][n] - run.before[n]).float().norm() / run.before[n].float().norm().clamp_min(1e-30))
+            stats["A moved by weight decay only"] += _moved(run, n) and decay > 0 and abs(change / decay - 1) < 1e-2
+            stats["A moved at step 2"] += _learned_at_step2(run, n)
+    return stats
+
+
+def _why_stuck(name: str, in_opt: set, run: WatchedRun, second_step: bool) -> str | None:
+    """Why a watched tensor did not move, or None when it did (or cannot yet, by construction)."""
+    if name not in in_opt:
+        return "not in the optimizer"
+    if name in run.deferred:
+        if _learned_at_step2(run, name):
+            return None
+        b_moved = _moved(run, lora_partner(name))  # then A could learn at step 2
+        if b_moved and not second_step:
+            return None  # cannot learn at step 1 by construction; not verified
+        return "it still had no gradient at step 2" if b_moved else \
+            "its B did not move at step 1, so A had no gradient to learn from"
+    if not _moved(run, name):
+        return "got no gradient" if run.grads[0].get(name, 0.0) == 0.0 else "got a gradient but did not change (lr 0?)"
+    return None
+
+
+def _step1_note(optimizer, run: WatchedRun) -> str:
+    """The step-1 story of A in words: zero gradient, moved by weight decay only (or not at all), learned at step 2."""
+    stats = run.lora_stats
+    lr_wd = [(g.get("lr", 0.0), g.get("weight_decay", 0.0)) for g in optimizer.param_groups][0]
+    how = (f"{stats['A moved by weight decay only']} of them moved only by AdamW's decoupled weight decay "
+           f"(A <- A * (1 - lr * wd), lr, wd = {lr_wd})" if stats["A moved by weight decay only"]
+           else f"none moved (with zero gradient and no weight decay Adam's update is 0; lr, wd = {lr_wd})")
+    return (f"step 1: {len(run.deferred)} LoRA A tensor(s) had exactly zero gradient because their B starts at zero; "
+            f"{how}. " + (f"At step 2, {stats['A moved at step 2']} of them got a gradient and moved."
+                          if run.steps == 2 else "No second step was run to see them learn."))
+
+
+def check_no_gradient_on_frozen(roles: Roles, run: WatchedRun) -> Check:
+    """5. No frozen (base) parameter received a gradient during the step(s)."""
+    graded = sorted(n for n in roles.base if any(g.get(n, 0.0) > 0 for g in run.grads)
+                    or (roles.params[n][0].grad is not None and bool(roles.params[n][0].grad.any())))
+    problems = [f"{len(graded)} base tensor(s) received a gradient: {_short(graded)}. They require grad; "
+                f"freeze them or they cost memory and may be trained."] if graded else []
+    return Check("no gradient on frozen", not graded, f"{len(graded)} of {len(roles.base)} base tensors received a gradient",
+                 problems)
+
+
+def check_4bit_gradient_path(roles: Roles, run: WatchedRun) -> Check:
+    """6. No 4-bit layer is in bitsandbytes' CPU inference layout, whose matmul passes no gradient to its input."""
+    repacked = [n for n in roles.base if "cpu-inference" in (run.base_before[n]["layout"], run.base_after[n]["layout"])]
+    n4 = sum(run.base_before[n]["layout"] != "plain" for n in roles.base)
+    problems = [f"{len(repacked)} 4-bit layer(s) are repacked for CPU inference ({_short(repacked)}): "
+                f"their matmul passes no gradient to its input, so every layer below gets wrong gradients. "
+                f"An eval pass with bitsandbytes' AVX512-BF16 path on did this; call "
+                f"models.keep_cpu_4bit_trainable(model) right after loading (load_model does) and reload."
+                ] if repacked else []
+    return Check("4-bit gradient path", not repacked, f"{len(repacked)} of {n4} 4-bit layers in bitsandbytes' CPU "
+                 f"inference layout", problems)
+
+
 def _explain_step_error(err: Exception) -> str:
     text = f"{type(err).__name__}: {err}".splitlines()[0]
     if "does not require grad" in text:
@@ -259,221 +534,6 @@ def _as_number(value):
 def _optimizer_groups(optimizer) -> dict[int, dict]:
     """{id(tensor): its param group} over every tensor the optimizer holds."""
     return {id(p): group for group in optimizer.param_groups for p in group["params"]}
-
-
-def check_only_lora_trains(model, optimizer, step_fn, allow: tuple[str, ...] = ALLOWED_BY_DEFAULT,
-                           second_step: bool = True) -> OnlyLoraReport:
-    """Run step_fn() (one real training step) and check that it trained exactly the LoRA adapters.
-
-    allow: name fragments of parameters trained on purpose besides LoRA (default: peft's
-    modules_to_save and trainable tokens). second_step: when some LoRA A had no gradient at
-    step 1 only because its B was still zero, run step_fn() once more to see A learn.
-    Example:
-        step = lambda: training_step(model, optimizer, batch)
-        check_only_lora_trains(model, optimizer, step).raise_if_failed()
-    """
-    params = named_unique_parameters(model)
-    is_adapter = {n: is_lora_name(n) for n in params}
-    is_allowed = {n: not is_adapter[n] and any(a in n for a in allow) for n in params}
-    expected_trainable = {n for n in params if is_adapter[n] or is_allowed[n]}
-    trainable = {n for n, (p, _) in params.items() if p.requires_grad}
-    base = [n for n in params if n not in expected_trainable]  # must stay frozen and unchanged
-    checks, notes = [], []
-
-    # 1. trainable = LoRA (static)
-    counts = {"total": sum(logical_numel(p) for p, _ in params.values()),
-              "trainable": sum(logical_numel(params[n][0]) for n in trainable),
-              "lora": sum(params[n][0].numel() for n in params if is_adapter[n]),
-              "quantized": sum(logical_numel(p) for p, _ in params.values() if getattr(p, "quant_state", None) is not None),
-              "naive_total": sum(p.numel() for p, _ in params.values())}
-    ratio = counts["trainable"] / max(counts["total"], 1)
-    wrong = sorted(trainable - expected_trainable)
-    adapters = [n for n in params if is_adapter[n]]
-    problems = []
-    if not trainable:
-        problems.append("nothing is trainable: every parameter has requires_grad=False. Did get_peft_model run, "
-                        "did target_modules match any layer, is the LoraConfig in inference_mode?")
-    elif not adapters:
-        problems.append("the model has no LoRA adapters (get_peft_model was not called, or target_modules matched nothing).")
-    if wrong:
-        size = sum(logical_numel(params[n][0]) for n in wrong)
-        aliases = [f"{n} (shared with {', '.join(params[n][1])})" if params[n][1] else n for n in wrong]
-        problems.append(f"{len(wrong)} base tensor(s) are trainable but are not LoRA adapters ({size:,} parameters): "
-                        f"{_short(aliases)}. Freeze them (requires_grad_(False)), or declare them on purpose "
-                        f"with modules_to_save.")
-    frozen_adapters = [n for n in adapters if n not in trainable]
-    if frozen_adapters and trainable:
-        notes.append(f"{len(frozen_adapters)} LoRA tensor(s) are frozen, e.g. {_short(frozen_adapters)}.")
-    checks.append(Check("trainable = LoRA", not problems,
-                        f"{counts['trainable']:,} of {counts['total']:,} parameters trainable ({ratio:.3%}); "
-                        f"{len(trainable)} tensors, {len(wrong)} not LoRA", problems))
-
-    # 2. optimizer = trainable (static)
-    groups = _optimizer_groups(optimizer)
-    name_of = {id(p): n for n, (p, _) in params.items()}
-    in_opt = {name_of[i] for i in groups if i in name_of}
-    stale = [i for i in groups if i not in name_of]
-    frozen_in_opt, missing = sorted(in_opt - trainable), sorted(trainable - in_opt)
-    problems = []
-    if frozen_in_opt:
-        problems.append(f"the optimizer holds {len(frozen_in_opt)} frozen tensor(s), e.g. {_short(frozen_in_opt)}: it was "
-                        f"built over model.parameters(). Build it over the trainable ones only: "
-                        f"[p for p in model.parameters() if p.requires_grad].")
-    if missing:
-        problems.append(f"{len(missing)} trainable tensor(s) are not in the optimizer and will never be updated, "
-                        f"e.g. {_short(missing)}. Was the optimizer built before get_peft_model added the adapters?")
-    if stale:
-        problems.append(f"the optimizer holds {len(stale)} tensor(s) that are not parameters of this model "
-                        f"(an optimizer built for another model object?).")
-    checks.append(Check("optimizer = trainable", not problems,
-                        f"optimizer holds {len(groups)} tensors: {len(in_opt & trainable)} trainable, "
-                        f"{len(frozen_in_opt)} frozen, {len(stale)} foreign; {len(missing)} trainable missing", problems))
-
-    # run the step, watching gradients as they are accumulated
-    grads: dict[str, float] = {}  # name -> norm of the gradient accumulated at the last step run
-
-    def watch(name):
-        def hook(p):
-            grads[name] = float(p.grad.detach().float().norm())
-        return hook
-
-    hooks = [p.register_post_accumulate_grad_hook(watch(n)) for n, (p, _) in params.items() if p.requires_grad]
-    before_base = {n: fingerprint(params[n][0]) for n in base}
-    saved = {n: (params[n][0].data.clone() if is_cpu_repacked(params[n][0]) else None,  # to compare canonically
-                 copy.deepcopy(params[n][0].quant_state))  # if the step changes a layer's layout (CPU repack)
-             for n in base if before_base[n]["layout"] != "plain"}
-    watched = sorted(trainable & expected_trainable)  # adapters (and declared parts) that should move
-    before = {n: params[n][0].detach().clone() for n in watched}
-    losses, error = [], None
-    try:
-        losses.append(_as_number(step_fn()))
-    except Exception as err:  # reported as a failure, with the likely cause
-        error = err
-    grads1, grads = dict(grads), {}
-    after1 = {n: params[n][0].detach().clone() for n in watched}
-    steps = 1
-
-    # A whose gradient was zero at step 1 because B was still zero: give it a second step
-    def b_was_zero(a):
-        b = lora_partner(a)
-        return b is not None and b in before and not before[b].any()
-
-    deferred = [n for n in watched if is_adapter[n] and grads1.get(n, 0.0) == 0.0 and b_was_zero(n)]
-    b_moved = {lora_partner(a) for a in deferred if not torch.equal(before[lora_partner(a)], after1[lora_partner(a)])}
-    retry = [a for a in deferred if lora_partner(a) in b_moved]
-    grads2, after2 = {}, {}
-    if error is None and second_step and retry:
-        try:
-            losses.append(_as_number(step_fn()))
-        except Exception as err:
-            error = err
-        grads2 = dict(grads)
-        after2 = {n: params[n][0].detach().clone() for n in retry}
-        steps = 2
-    for h in hooks:
-        h.remove()
-    after_base = {n: fingerprint(params[n][0]) for n in base}
-    for n in base:  # a layout change (CPU repack) during the step: compare in the canonical layout
-        if before_base[n]["layout"] != after_base[n]["layout"]:
-            data, state = saved[n]
-            before_base[n]["canonical"] = (before_base[n]["packed bytes"] + _absmax_digest(state) if data is None
-                                           else canonical_digest(data, state))
-            after_base[n]["canonical"] = canonical_digest(params[n][0].data, params[n][0].quant_state)
-
-    if error is not None:
-        message = _explain_step_error(error)
-        for name in ("base unchanged", "LoRA moved", "no gradient on frozen", "4-bit gradient path"):
-            checks.append(Check(name, False, "not measured: the step failed", [message] if name == "LoRA moved" else []))
-        return OnlyLoraReport(checks, counts, ratio, losses, steps, {}, notes,
-                              error=f"{type(error).__name__}: {error}".splitlines()[0])
-
-    # 3. base unchanged
-    changed = [n for n in base if not same_values(before_base[n], after_base[n])]
-    repacked = [n for n in base if before_base[n]["layout"] != after_base[n]["layout"]]
-    problems = []
-    if changed:
-        parts = sorted({p for n in changed for p in changed_parts(before_base[n], after_base[n])})
-        problems.append(f"{len(changed)} base tensor(s) changed during the step ({', '.join(parts)}): {_short(changed)}. "
-                        f"Something besides LoRA is being trained.")
-    same = [n for n in repacked if n not in changed]
-    if same:
-        notes.append(f"{len(same)} 4-bit weight(s) changed layout during the step (bitsandbytes' CPU inference "
-                     f"repack) with unchanged values (compared in a canonical layout): not training.")
-    n4 = sum(before_base[n]["layout"] != "plain" for n in base)
-    checks.append(Check("base unchanged", not changed,
-                        f"{len(base) - len(changed)} of {len(base)} base tensors bit-identical "
-                        f"({n4} 4-bit: packed bytes + quant state hashed)", problems))
-
-    # 4. LoRA moved (with the step-1 story for A)
-    stuck, stats = [], {"A": 0, "B": 0, "A zero grad at step 1": len(deferred), "A moved at step 1": 0,
-                        "A moved by weight decay only": 0, "A moved at step 2": 0, "B moved at step 1": 0}
-    for n in watched:
-        moved1 = not torch.equal(before[n], after1[n])
-        kind = "A" if lora_partner(n) else ("B" if is_adapter[n] and ("lora_B" in n or "lora_embedding_B" in n) else None)
-        if kind:
-            stats[kind] += 1
-        if kind == "B" and moved1:
-            stats["B moved at step 1"] += 1
-        if kind == "A" and moved1:
-            stats["A moved at step 1"] += 1
-        if n not in in_opt:
-            stuck.append((n, "not in the optimizer"))
-            continue
-        if n in deferred:
-            group = groups.get(id(params[n][0]), {})
-            lr, wd = group.get("lr", 0.0), group.get("weight_decay", 0.0)
-            change = float((after1[n] - before[n]).float().norm() / before[n].float().norm().clamp_min(1e-30))
-            if moved1 and lr * wd > 0 and abs(change / (lr * wd) - 1) < 1e-2:
-                stats["A moved by weight decay only"] += 1
-            if n in after2 and grads2.get(n, 0.0) > 0 and not torch.equal(after1[n], after2[n]):
-                stats["A moved at step 2"] += 1
-                continue
-            if n in retry and not second_step:
-                continue  # cannot learn at step 1 by construction; not verified
-            reason = ("its B did not move at step 1, so A had no gradient to learn from" if n not in retry
-                      else "it still had no gradient at step 2")
-            stuck.append((n, reason))
-            continue
-        if not moved1:
-            reason = "got no gradient" if grads1.get(n, 0.0) == 0.0 else "got a gradient but did not change (lr 0?)"
-            stuck.append((n, reason))
-    problems = [] if watched else ["no trainable LoRA adapter exists, so nothing can learn: the step ran "
-                                       "and changed nothing."]
-    for reason in sorted({r for _, r in stuck}):
-        names = [n for n, r in stuck if r == reason]
-        problems.append(f"{len(names)} trainable tensor(s) did not move: {reason}: {_short(names)}.")
-    if deferred:
-        lr_wd = [(g.get("lr", 0.0), g.get("weight_decay", 0.0)) for g in optimizer.param_groups]
-        how = (f"{stats['A moved by weight decay only']} of them moved only by AdamW's decoupled weight decay "
-               f"(A <- A * (1 - lr * wd), lr, wd = {lr_wd[0]})" if stats["A moved by weight decay only"]
-               else f"none moved (with zero gradient and no weight decay Adam's update is 0; lr, wd = {lr_wd[0]})")
-        notes.append(f"step 1: {len(deferred)} LoRA A tensor(s) had exactly zero gradient because their B starts at "
-                     f"zero; {how}. " + (f"At step 2, {stats['A moved at step 2']} of them got a gradient and moved."
-                                         if steps == 2 else "No second step was run to see them learn."))
-    checks.append(Check("LoRA moved", not problems,
-                        f"{len(watched) - len(stuck)} of {len(watched)} trainable tensors moved "
-                        f"(B at step 1: {stats['B moved at step 1']}/{stats['B']}; A at step 1: {stats['A moved at step 1']}/"
-                        f"{stats['A']}, {stats['A moved by weight decay only']} by weight decay only; A at step 2: "
-                        f"{stats['A moved at step 2']})", problems))
-
-    # 5. no gradient on frozen (base) parameters
-    graded = sorted(n for n in base if grads1.get(n, 0.0) > 0 or grads2.get(n, 0.0) > 0
-                    or (params[n][0].grad is not None and bool(params[n][0].grad.any())))
-    problems = [f"{len(graded)} base tensor(s) received a gradient: {_short(graded)}. They require grad; "
-                f"freeze them or they cost memory and may be trained."] if graded else []
-    checks.append(Check("no gradient on frozen", not graded,
-                        f"{len(graded)} of {len(base)} base tensors received a gradient", problems))
-
-    # 6. 4-bit layers keep their gradient path (bitsandbytes CPU inference repack)
-    repacked_now = [n for n in base if "cpu-inference" in (before_base[n]["layout"], after_base[n]["layout"])]
-    problems = [f"{len(repacked_now)} 4-bit layer(s) are repacked for CPU inference ({_short(repacked_now)}): "
-                f"their matmul passes no gradient to its input, so every layer below gets wrong gradients. "
-                f"An eval pass with bitsandbytes' AVX512-BF16 path on did this; call "
-                f"models.keep_cpu_4bit_trainable(model) right after loading (load_model does) and reload."
-                ] if repacked_now else []
-    checks.append(Check("4-bit gradient path", not repacked_now,
-                        f"{len(repacked_now)} of {n4} 4-bit layers in bitsandbytes' CPU inference layout", problems))
-    return OnlyLoraReport(checks, counts, ratio, losses, steps, stats, notes)
 
 
 # --------------------------------------------------------------------------- helpers for lab 04

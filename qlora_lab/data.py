@@ -26,8 +26,12 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from datasets import DatasetDict, load_dataset
+
+from qlora_lab import paths
+
 TASK_INSTRUCTION = "Extract the order as JSON."  # the system message of every example
-REPO_DATA_DIR = Path(__file__).resolve().parent.parent / "data"  # data/ in a repository checkout
 IGNORE_INDEX = -100  # label value that cross-entropy skips (prompt and padding positions)
 
 # Many training names and cities, each seen only a few times: the model must learn to copy
@@ -121,27 +125,19 @@ def make_split(split: str) -> list[dict]:
 def write_task_files(out_dir: Path) -> dict[str, Path]:
     """Write <split>.jsonl for every split into out_dir; returns the paths."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for split in SPLITS:
-        path = out_dir / f"{split}.jsonl"
-        tmp = path.with_suffix(".jsonl.partial")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in make_split(split)))
-        tmp.replace(path)
-        paths[split] = path
-    return paths
+    return {split: paths.atomic_write_text(out_dir / f"{split}.jsonl",
+                                           "".join(json.dumps(row) + "\n" for row in make_split(split)))
+            for split in SPLITS}
 
 
 def task_file(split: str) -> Path:
     """The JSONL file of a split: the repository's data/, or a copy generated into the cache."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; the lab's task has {list(SPLITS)}")
-    path = REPO_DATA_DIR / f"{split}.jsonl"
+    path = paths.DATA_DIR / f"{split}.jsonl"
     if path.exists():
         return path
-    from qlora_lab.models import cache_dir
-
-    cached = cache_dir() / "data" / f"{split}.jsonl"
+    cached = paths.cache_dir() / "data" / f"{split}.jsonl"
     if not cached.exists():
         write_task_files(cached.parent)
     return cached
@@ -162,8 +158,6 @@ def load_task(name: str = "orders", eval_size: int = 200, seed: int = 0):
     rows after a seeded shuffle become the eval split.
     Example: load_task()["eval"][0]["prompt"] -> "Send Kira ..."
     """
-    from datasets import DatasetDict, load_dataset
-
     if name == "orders":
         ds = load_dataset("json", data_files={s: str(task_file(s)) for s in SPLITS})
         return ds.map(lambda row: {"system": TASK_INSTRUCTION, "prompt": row["sentence"]},
@@ -245,8 +239,6 @@ class Collator:
     pad_token_id: int  # id written into padded input positions (masked by attention and labels)
 
     def __call__(self, features: list[dict]) -> dict:
-        import torch
-
         length = max(len(f["input_ids"]) for f in features)
 
         def pad(key, value):

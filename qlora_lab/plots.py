@@ -1,11 +1,35 @@
 """Plots for the labs: each function draws one figure from measured results and returns it.
 
 Conventions: functions take plain data (dicts, lists, tensors), create their own figure
-with matplotlib's object API (`fig, ax = plt.subplots(...)`), label axes with units, and
-return the figure, so notebooks show it and tests can inspect it without a display.
-matplotlib is imported inside the functions: importing this module costs nothing.
+with matplotlib's object API (`fig, ax = plt.subplots(...)`), label axes with units, list
+every plotted series in the legend, and return the figure *closed* (`_finish`), so it is
+drawn exactly once, where the notebook displays it (`display(fig)`), and tests can inspect
+it without a display. `table` shows a pandas table without cutting long cells.
 Sections below are in lab order.
 """
+
+import math
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from IPython.display import display
+
+
+def _finish(fig):
+    """Lay out, close (so the notebook shows it only where it is displayed) and return a figure."""
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def table(frame: pd.DataFrame, digits: int | None = None) -> None:
+    """Display a DataFrame with every cell in full (pandas cuts text at 50 characters by default).
+
+    Example: table(pd.DataFrame({"reference": ['{"name": "Lorenzo", ...}'], "generated": [...]}))
+    """
+    with pd.option_context("display.max_colwidth", None, "display.width", 250):
+        display(frame.round(digits) if digits is not None else frame)
 
 
 # ---- lab 04: only LoRA trains
@@ -17,7 +41,6 @@ def plot_setup_losses(curves: dict[str, list[float]], title: str = "Loss on one 
     A healthy setup falls; one that trains nothing stays flat; wrong gradients fall slowly.
     Example: plot_setup_losses({"correct": [1.8, 1.1, 0.6], "optimizer built before LoRA": [1.8, 1.8, 1.8]})
     """
-    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     styles = ["--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)), (0, (8, 2))]  # identical curves stay visible
@@ -32,8 +55,7 @@ def plot_setup_losses(curves: dict[str, list[float]], title: str = "Loss on one 
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish(fig)
 
 
 # ---- lab 02: NF4 vs FP4
@@ -50,9 +72,7 @@ def plot_levels_on_normal(levels: dict, sigma_per_unit: float):
     standard deviations that NF4's level 1.0 stands for (about 1.85).
     Example: plot_levels_on_normal({"nf4": quant.nf4_levels(), ...}, 1.848)
     """
-    import math
 
-    import matplotlib.pyplot as plt
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), height_ratios=[2.2, 1], sharex=True)
     nf4 = sorted(float(v) for v in levels["nf4"])
@@ -84,8 +104,7 @@ def plot_levels_on_normal(levels: dict, sigma_per_unit: float):
     bottom.set_xlim(-1.2, 1.9)
     bottom.set_xlabel("level (value / block absmax)")
     bottom.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _finish(fig)
 
 
 def plot_block_histograms(histograms: dict, edges, levels: dict):
@@ -95,7 +114,6 @@ def plot_block_histograms(histograms: dict, edges, levels: dict):
     histograms: {layer_type: counts per bin}; edges: bin edges on [-1, 1]; levels: {format: tensor(16)}.
     Example: plot_block_histograms({"q_proj": counts}, torch.linspace(-1, 1, 202), {"nf4": quant.nf4_levels()})
     """
-    import matplotlib.pyplot as plt
 
     edges = [float(e) for e in edges]
     n = len(histograms)
@@ -123,8 +141,7 @@ def plot_block_histograms(histograms: dict, edges, levels: dict):
         ax.set_ylabel("density")
     handles = [plt.Line2D([], [], color=LAB02_COLORS.get(fmt, "black"), label=f"{fmt.upper()} levels") for fmt in levels]
     fig.legend(handles=handles, loc="lower right", fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish(fig)
 
 
 def plot_code_usage(usage: dict, levels: dict):
@@ -133,7 +150,6 @@ def plot_code_usage(usage: dict, levels: dict):
     usage: {format: 16 fractions, indexed by code}; levels: {format: tensor(16)} for the tick labels.
     Example: plot_code_usage({"nf4": counts / counts.sum()}, {"nf4": quant.nf4_levels()})
     """
-    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(usage), figsize=(4.2 * len(usage), 3.4), sharey=True, squeeze=False)
     for ax, (fmt, fractions) in zip(axes[0], usage.items()):
@@ -146,8 +162,7 @@ def plot_code_usage(usage: dict, levels: dict):
         ax.set_title(f"{fmt.upper()} codes, sorted by level", fontsize=10)
         ax.set_xlabel("level")
     axes[0, 0].set_ylabel("share of weights (%)")
-    fig.tight_layout()
-    return fig
+    return _finish(fig)
 
 
 def plot_error_by_layer(errors: dict, metric: str = "sqnr_db", label: str = "SQNR (dB, higher is better)"):
@@ -156,7 +171,6 @@ def plot_error_by_layer(errors: dict, metric: str = "sqnr_db", label: str = "SQN
     errors: {format: {layer_type: {"mse": ..., "sqnr_db": ..., "max_abs": ...}}}.
     Example: plot_error_by_layer({"nf4": {"q_proj": {"sqnr_db": 20.1}}, "fp4": {"q_proj": {"sqnr_db": 17.9}}})
     """
-    import matplotlib.pyplot as plt
 
     formats = list(errors)
     layer_types = list(next(iter(errors.values())))
@@ -172,8 +186,7 @@ def plot_error_by_layer(errors: dict, metric: str = "sqnr_db", label: str = "SQN
     ax.set_ylim(0, max(errors[f][t][metric] for f in formats for t in layer_types) * 1.2)
     ax.legend(fontsize=8, ncol=len(formats), loc="upper center")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _finish(fig)
 
 
 def plot_error_vs_blocksize(mse: dict, bits: dict):
@@ -182,7 +195,6 @@ def plot_error_vs_blocksize(mse: dict, bits: dict):
     mse: {format: {blocksize: mse}}; bits: {blocksize: bits per parameter}.
     Example: plot_error_vs_blocksize({"nf4": {32: 1e-4, 64: 1.2e-4}}, {32: 5.0, 64: 4.5})
     """
-    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     for fmt, by_size in mse.items():
@@ -196,8 +208,7 @@ def plot_error_vs_blocksize(mse: dict, bits: dict):
     ax.set_title("Bigger blocks: fewer scales to store, larger error")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish(fig)
 
 
 def plot_eval_losses(losses: dict, baseline: str = "bf16"):
@@ -205,7 +216,6 @@ def plot_eval_losses(losses: dict, baseline: str = "bf16"):
 
     losses: {label: loss in nats per answer token}. Example: plot_eval_losses({"bf16": 1.54, "NF4": 1.60})
     """
-    import matplotlib.pyplot as plt
 
     names = list(losses)
     fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(names) + 1.5), 3.8))
@@ -222,8 +232,7 @@ def plot_eval_losses(losses: dict, baseline: str = "bf16"):
     ax.set_ylabel("eval loss (nats per answer token)")
     ax.set_title("What 4-bit storage does to the model")
     ax.tick_params(axis="x", labelsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish(fig)
 
 
 # ---- lab 01: VRAM budget
@@ -236,35 +245,34 @@ VRAM_TERM_COLORS = {"weights": "#4c72b0", "quant_constants": "#8172b2", "lora_pa
 def plot_vram_breakdown(estimates: dict, gpu_gib: dict | None = None, title: str = "Where the memory of a training step goes"):
     """Stacked horizontal bars: one bar per labelled vram.Estimate, one segment per term (GiB).
 
-    gpu_gib draws vertical lines at GPU sizes, e.g. {"T4 16GB": 15.0}.
+    The legend lists every term that appears in any bar; gpu_gib draws vertical lines at GPU
+    sizes, e.g. {"T4 16GB": 15.0}.
+    Example: plot_vram_breakdown({"QLoRA 7B": vram.estimate("llama-2-7b")}, {"T4 16GB": 15.0})
     """
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(10, 1.9 + 0.6 * len(estimates)))
     labels = list(estimates)
+    terms = list(dict.fromkeys(term for est in estimates.values() for term in est.terms))  # every term, first-seen order
     for row, label in enumerate(labels):
         left = 0.0
         for term, nbytes in estimates[label].terms.items():
             width = nbytes / 2**30
-            ax.barh(row, width, left=left, color=VRAM_TERM_COLORS.get(term, "#cccccc"),
-                    label=term if row == 0 else None, edgecolor="white", linewidth=0.5)
+            ax.barh(row, width, left=left, color=VRAM_TERM_COLORS.get(term, "#cccccc"), edgecolor="white", linewidth=0.5)
             left += width
         ax.text(left, row, f" {left:.1f} GiB", va="center", fontsize=9)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=VRAM_TERM_COLORS.get(term, "#cccccc"), label=term) for term in terms]
     for style, (name, gib) in zip((":", "--", "-."), (gpu_gib or {}).items()):
-        ax.axvline(gib, color="black", linestyle=style, linewidth=1, label=f"{name} ({gib:.0f} GiB)")
+        handles.append(ax.axvline(gib, color="black", linestyle=style, linewidth=1, label=f"{name} ({gib:.0f} GiB)"))
     ax.set_yticks(range(len(labels)), labels)
     ax.invert_yaxis()
-    ax.set_xlabel("GiB at the step's peak (torch.cuda.max_memory_allocated)")
+    ax.set_xlabel("GiB at the step's peak (predicted torch.cuda.max_memory_allocated)")
     ax.set_title(title)
     ax.set_xlim(0, ax.get_xlim()[1] * 1.12)  # room for the totals
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
-    fig.tight_layout()
-    return fig
+    ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    return _finish(fig)
 
 
 def plot_vram_sweep(xs: list, series: dict, xlabel: str, gpu_gib: dict | None = None, title: str = ""):
     """Peak GiB against one swept setting (xs), one line per labelled list of GiB values."""
-    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, values in series.items():
@@ -279,40 +287,65 @@ def plot_vram_sweep(xs: list, series: dict, xlabel: str, gpu_gib: dict | None = 
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish(fig)
 
 
-def plot_predicted_vs_measured(rows: list[dict], unit: str = "GiB", title: str = "Calculator vs measurement"):
-    """Scatter of predicted against measured peaks (rows with "measured", "predicted", "label"), y = x and ±10 %."""
-    import matplotlib.pyplot as plt
+def plot_predicted_vs_measured(rows: list[dict], unit: str = "GiB", title: str = "Calculator vs measurement",
+                               measured_label: str = "measured peak"):
+    """Predicted against measured peaks, y = x and a ±10 % band; points are numbered and the
+    legend lists each number's configuration and error, so labels never overlap.
 
+    rows: dicts with "measured", "predicted" (bytes) and "label".
+    Example: plot_predicted_vs_measured([{"label": "7b b4x512", "measured": 6.1e9, "predicted": 6.0e9}])
+    """
     scale = 2**30 if unit == "GiB" else 2**20
     measured = [r["measured"] / scale for r in rows]
     predicted = [r["predicted"] / scale for r in rows]
-    fig, ax = plt.subplots(figsize=(5.5, 5.5))
-    top = max(measured + predicted) * 1.1
-    grid = [top * i / 100 for i in range(1, 101)]
-    ax.plot(grid, grid, color="black", linewidth=1, label="predicted = measured")
-    ax.fill_between(grid, [g * 0.9 for g in grid], [g * 1.1 for g in grid], color="grey", alpha=0.2, label="±10 %")
-    ax.scatter(measured, predicted, zorder=3)
-    for r, x, y in zip(rows, measured, predicted):
-        ax.annotate(r.get("label", ""), (x, y), fontsize=6, xytext=(3, -3), textcoords="offset points")
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    top, bottom = max(measured + predicted) * 1.15, min(measured + predicted) / 1.15
+    line = [bottom * (top / bottom) ** (i / 100) for i in range(101)]
+    ax.plot(line, line, color="black", linewidth=1, label="predicted = measured")
+    ax.fill_between(line, [g * 0.9 for g in line], [g * 1.1 for g in line], color="grey", alpha=0.2, label="±10 %")
+    for i, (r, x, y) in enumerate(zip(rows, measured, predicted), start=1):
+        ax.scatter([x], [y], s=80, zorder=3, color="#4c72b0")
+        ax.annotate(str(i), (x, y), fontsize=6, color="white", ha="center", va="center", zorder=4)
+        ax.plot([], [], " ", label=f"{i:2d}  {r.get('label', '')}  {y / x - 1:+.1%}")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel(f"measured peak ({unit})")
+    ax.set_xlabel(f"{measured_label} ({unit})")
     ax.set_ylabel(f"predicted peak ({unit})")
     ax.set_title(title)
-    ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    return fig
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    return _finish(fig)
+
+
+def plot_step_timeline(timeline: list, phase_peaks: dict, card_gib: float | None = None,
+                       title: str = "Allocated memory through one training step"):
+    """Allocated memory at each decoder layer's entry and exit during one step (measure.Measurement.timeline),
+    forward in blue, backward (with checkpointing: recomputation included) in red, with each phase's peak.
+
+    Example: plot_step_timeline(m.timeline, m.phase_peaks, card_gib=48)
+    """
+    colors = {"forward": "#4c72b0", "backward": "#c44e52"}
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.scatter(range(len(timeline)), [b / 2**30 for _, _, b in timeline], s=4,
+               c=[colors.get(p, "grey") for _, p, _ in timeline])
+    for phase, peak in phase_peaks.items():
+        ax.axhline(peak / 2**30, linestyle=":", linewidth=1, color=colors.get(phase, "#55a868"))
+        ax.text(len(timeline), peak / 2**30, f" {phase} peak {peak / 2**30:.1f}", fontsize=8, va="center")
+    if card_gib:
+        ax.axhline(card_gib, color="black", linewidth=1)
+        ax.text(0, card_gib, f" {card_gib:g} GiB card", fontsize=8, va="bottom")
+    ax.set_xlabel("decoder-layer events in one training step (blue: forward, red: backward incl. recomputation)")
+    ax.set_ylabel("torch.cuda.memory_allocated (GiB)")
+    ax.set_title(title)
+    return _finish(fig)
 
 
 # ---- lab 03: LoRA r and alpha
 
 
 def _rank_colors(ranks):
-    import matplotlib.pyplot as plt
 
     cmap = plt.get_cmap("viridis")
     ranks = sorted(set(ranks))
@@ -337,7 +370,6 @@ def plot_sweep_curves(results: dict[str, dict], groups: dict[str, dict[int, str]
     smooth averages the last `smooth` values (training losses of single batches are noisy).
     Example: plot_sweep_curves(results, {"alpha=2r": {4: "r=4,alpha=8,rslora=False"}})
     """
-    import matplotlib.pyplot as plt
 
     colors = _rank_colors([r for g in groups.values() for r in g])
     fig, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 3.6), sharey=True, squeeze=False)
@@ -355,9 +387,7 @@ def plot_sweep_curves(results: dict[str, dict], groups: dict[str, dict[int, str]
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel(ylabel)
     fig.suptitle(title)
-    fig.tight_layout()
-    plt.close(fig)  # shown where the notebook displays it, not again at the end of the cell
-    return fig
+    return _finish(fig)
 
 
 def plot_sweep_heatmaps(tables: dict[str, dict[str, dict[int, float]]], fmt: str = "{:.3g}"):
@@ -366,8 +396,6 @@ def plot_sweep_heatmaps(tables: dict[str, dict[str, dict[int, float]]], fmt: str
     tables maps a metric title to {rule label: {r: value}}.
     Example: plot_sweep_heatmaps({"final eval loss": {"alpha=r": {4: 0.3, 16: 0.2}}})
     """
-    import matplotlib.pyplot as plt
-    import numpy as np
 
     fig, axes = plt.subplots(1, len(tables), figsize=(5.2 * len(tables), 3.4), squeeze=False)
     for ax, (metric, table) in zip(axes[0], tables.items()):
@@ -388,9 +416,7 @@ def plot_sweep_heatmaps(tables: dict[str, dict[str, dict[int, float]]], fmt: str
         ax.set_xlabel("rank r")
         ax.set_title(metric)
         fig.colorbar(image, ax=ax, shrink=0.8)
-    fig.tight_layout()
-    plt.close(fig)  # shown where the notebook displays it, not again at the end of the cell
-    return fig
+    return _finish(fig)
 
 
 def plot_params_and_memory(ranks: list[int], formula: list[int], peft: list[int], peak_bytes: list[float | None],
@@ -401,7 +427,6 @@ def plot_params_and_memory(ranks: list[int], formula: list[int], peft: list[int]
     states), computed; peak_bytes is what each sweep point measured.
     Example: plot_params_and_memory([1, 4], [1e5, 4e5], [1e5, 4e5], [2.1e9, 2.2e9], [1.6e6, 6.4e6])
     """
-    import matplotlib.pyplot as plt
 
     fig, (ax_p, ax_m) = plt.subplots(1, 2, figsize=(11, 3.8))
     ax_p.plot(ranks, formula, "o-", label="r x sum(d_in + d_out), from the architecture")
@@ -424,9 +449,7 @@ def plot_params_and_memory(ranks: list[int], formula: list[int], peft: list[int]
     ax_m.legend(fontsize=8)
     for ax in (ax_p, ax_m):
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    plt.close(fig)  # shown where the notebook displays it, not again at the end of the cell
-    return fig
+    return _finish(fig)
 
 
 def plot_spectra(spectra: dict[str, list[list[float]]], title: str = "Singular values of the learned delta W"):
@@ -435,8 +458,6 @@ def plot_spectra(spectra: dict[str, list[list[float]]], title: str = "Singular v
     spectra maps a label to a list of per-layer singular-value lists (descending).
     Example: plot_spectra({"r=16": [[0.5, 0.1, ...], ...]})
     """
-    import matplotlib.pyplot as plt
-    import numpy as np
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, per_layer in spectra.items():
@@ -454,9 +475,7 @@ def plot_spectra(spectra: dict[str, list[list[float]]], title: str = "Singular v
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    plt.close(fig)  # shown where the notebook displays it, not again at the end of the cell
-    return fig
+    return _finish(fig)
 
 
 # ---- lab 05: fine-tune end to end
@@ -470,7 +489,6 @@ def plot_finetune_curves(log_history: list[dict], before: dict | None = None, af
     curve starts at the base model and ends at what the final evaluation measured.
     Example: plot_finetune_curves(result.log_history, before, after)
     """
-    import matplotlib.pyplot as plt
 
     train_logs = [h for h in log_history if "loss" in h and "eval_loss" not in h]
     eval_logs = [h for h in log_history if "eval_loss" in h]
@@ -498,9 +516,7 @@ def plot_finetune_curves(log_history: list[dict], before: dict | None = None, af
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    plt.close(fig)  # shown where the notebook displays it, not again at the end of the cell
-    return fig
+    return _finish(fig)
 
 
 def plot_qlora_vs_lora(rows: dict[str, dict], memory_label: str = "peak memory"):
@@ -509,7 +525,6 @@ def plot_qlora_vs_lora(rows: dict[str, dict], memory_label: str = "peak memory")
     rows maps a setup name to {"peak_bytes", "step_seconds", "accuracy"}.
     Example: plot_qlora_vs_lora({"QLoRA": {"peak_bytes": 2e9, "step_seconds": 2.9, "accuracy": 0.8}, "LoRA": {...}})
     """
-    import matplotlib.pyplot as plt
 
     names = list(rows)
     colors = ["tab:purple", "tab:gray", "tab:olive", "tab:cyan"][: len(names)]
@@ -526,6 +541,4 @@ def plot_qlora_vs_lora(rows: dict[str, dict], memory_label: str = "peak memory")
         ax.set_ylim(0, max(values + [1e-9]) * 1.15)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle("QLoRA (4-bit NF4 base) vs LoRA (16-bit base): same task, same steps")
-    fig.tight_layout()
-    plt.close(fig)  # shown where the notebook displays it, not again at the end of the cell
-    return fig
+    return _finish(fig)

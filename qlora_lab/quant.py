@@ -49,11 +49,15 @@ shared by all layers, so storage counts leave them out.
 
 import copy
 import functools
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 
+import bitsandbytes.functional as bnbf
 import torch
 
-QUANT_TYPES = ("nf4", "fp4", "int4")
+from qlora_lab import recipe
+from qlora_lab.recipe import CODEBOOKS
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes accepts for 4-bit
 NESTED_BLOCKSIZE = 256  # blocksize of the second-level (8-bit) quantization of absmax
 # NF4's outermost quantile sits at probability 1 - delta, delta = (1/32 + 1/30) / 2 = 0.0322917 (the mean of
@@ -127,7 +131,7 @@ LEVELS = {"nf4": nf4_levels, "fp4": fp4_levels, "int4": int4_levels}
 
 def levels(quant_type: str) -> torch.Tensor:
     """The 16 levels of a code book by name. Example: levels("nf4").shape -> torch.Size([16])"""
-    _check_quant_type(quant_type)
+    recipe.check_quant(quant_type, CODEBOOKS)
     return LEVELS[quant_type]()
 
 
@@ -181,7 +185,7 @@ def quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
     Example: packed, state = quantize(torch.randn(4096, 4096), "nf4", 64, double_quant=True)
              packed.shape, state.absmax.dtype -> (torch.Size([8388608, 1]), torch.uint8)
     """
-    _check_quant_type(quant_type)
+    recipe.check_quant(quant_type, CODEBOOKS)
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize}")
     if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -318,8 +322,6 @@ def fp32_from_decimal(literal: str) -> float:
     goes wrong when the fp64 value is an exact fp32 tie, as NF4's midpoints are.
     Example: fp32_from_decimal("0.8614784181118011") -> 0.8614783883094788 (float32 of the float: 0.8614784479141235)
     """
-    from fractions import Fraction
-
     exact = Fraction(literal)
     near = torch.tensor(float(exact), dtype=torch.float32)
     candidates = [torch.nextafter(near, torch.tensor(-2.0)), near, torch.nextafter(near, torch.tensor(2.0))]
@@ -347,7 +349,7 @@ def gpu_reciprocal(x: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=1)
 def _rcp_approx_kernel():
-    try:
+    try:  # Triton ships with PyTorch's CUDA builds only: imported where a CUDA tensor needs it
         import triton
         import triton.language as tl
     except ImportError:
@@ -414,11 +416,6 @@ def _check_rules(rules: str | None, w: torch.Tensor) -> str:
     if rules not in ("cpu", "cuda"):
         raise ValueError(f"rules must be 'cpu' or 'cuda' (whose kernel to mimic), got {rules!r}")
     return rules
-
-
-def _check_quant_type(quant_type: str) -> None:
-    if quant_type not in QUANT_TYPES:
-        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
 
 
 # --------------------------------------------------------------------------- storage
@@ -532,8 +529,6 @@ def summarize_errors(stats: list[dict]) -> dict:
     SQNR = 10 log10(sum w^2 / sum error^2): how far the signal stands above the quantization noise.
     Example: summarize_errors([error_stats(w, "nf4") for w in weights]) -> {"mse": 3.3e-4, "sqnr_db": 20.5, ...}
     """
-    import math
-
     n = sum(s["n"] for s in stats)
     sq_err, sq_w = sum(s["sq_err"] for s in stats), sum(s["sq_w"] for s in stats)
     codes = sum(s["codes"] for s in stats)
@@ -548,8 +543,6 @@ def entropy_bits(shares) -> float:
 
     Example: entropy_bits([1 / 16] * 16) -> 4.0
     """
-    import math
-
     return -sum(p * math.log2(p) for p in shares if p > 0)
 
 
@@ -596,8 +589,6 @@ def compare_with_bitsandbytes(w: torch.Tensor, quant_type: str, blocksize: int =
     Example: compare_with_bitsandbytes(torch.randn(1000), "fp4") -> {"packed": True, "absmax": True,
              "nested": True, "dequantized": True, "equal": True}
     """
-    import bitsandbytes.functional as bnbf
-
     packed, state = quantize(w, quant_type, blocksize, double_quant)
     ref_packed, ref_state = bnbf.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
                                                compress_statistics=double_quant)

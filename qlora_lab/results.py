@@ -13,6 +13,7 @@ and torch scalars (and one-element tensors) are converted.
 import json
 import math
 import re
+import warnings
 
 RESULT_MIME = "application/vnd.qlora-lab.result+json"  # output MIME type that carries {name: value}
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
@@ -54,7 +55,7 @@ def record(name: str, value):
     _recorded[name] = value
     text = json.dumps(value)
     text = text if len(text) <= 120 else text[:117] + "..."
-    try:
+    try:  # IPython is optional: record() also works in a plain script
         from IPython import get_ipython
         from IPython.display import display
     except ImportError:
@@ -76,9 +77,7 @@ def read_results(notebook) -> dict:
     Example: read_results("runs/smoke/05_qlora_finetune.ipynb")["accuracy_after"] -> 0.9
     """
     if not hasattr(notebook, "cells"):
-        import warnings
-
-        import nbformat
+        import nbformat  # here: `import qlora_lab` (which imports this module) stays cheap and dependency-free
 
         with warnings.catch_warnings():  # papermill's copies may lack cell ids; irrelevant here
             warnings.simplefilter("ignore")

@@ -29,21 +29,23 @@ import sys
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from types import SimpleNamespace
 
+import nbformat
+import torch
+from tqdm.auto import tqdm
+
+from qlora_lab import paths
 from qlora_lab.results import read_results
 
 PROFILE_NAMES = ("smoke", "cpu", "gpu")
-REPO_ROOT = Path(__file__).resolve().parent.parent
-LABS_DIR = REPO_ROOT / "labs"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def default_profile() -> str:
     """"gpu" when CUDA is available, else "cpu"."""
-    import torch
-
     return "gpu" if torch.cuda.is_available() else "cpu"
 
 
@@ -68,12 +70,10 @@ def profile_settings(profiles: dict, profile: str = "auto", overrides: dict | No
     return SimpleNamespace(profile=profile, **settings)
 
 
-def find_notebooks(paths: list[str] | None = None) -> list[Path]:
+def find_notebooks(targets: list[str] | None = None) -> list[Path]:
     """The notebooks to run: the given paths (files or folders), or every labs/NN_*.ipynb."""
-    if not paths:
-        paths = [str(LABS_DIR)]
     found = []
-    for p in map(Path, paths):
+    for p in map(Path, targets or [paths.LABS_DIR]):
         if p.is_dir():
             found += sorted(p.glob("[0-9][0-9]_*.ipynb"))
         elif p.suffix == ".ipynb" and p.exists():
@@ -97,14 +97,14 @@ def describe_error(err) -> dict:
 def run_notebook(notebook: Path, profile: str, out_dir: Path, overrides: dict | None = None,
                  progress: bool = True, cell_timeout: int | None = None) -> dict:
     """Execute one notebook under a profile; return its summary entry (never raises on cell errors)."""
-    import papermill
+    import papermill  # about a second to import: only the runner itself needs it, not every notebook that imports this module
 
     notebook = Path(notebook).resolve()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     output = out_dir / notebook.name
     # the kernel inherits this process's environment: make `import qlora_lab` work from a checkout
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(paths.REPO_ROOT), os.environ.get("PYTHONPATH")]))
     # papermill warns about every line of a multi-line parameter (our PROFILES dict); it is fine
     logging.getLogger("papermill.translators").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="Cell is missing an id field")  # papermill's injected cell has none
@@ -158,11 +158,8 @@ def load_summary(profile_dir: Path, profile: str) -> dict:
 
 
 def write_summary(summary: dict, profile_dir: Path) -> None:
-    profile_dir = Path(profile_dir)
-    tmp = profile_dir / f"summary.json.{os.getpid()}.{threading.get_ident()}.partial"  # one per writer
-    tmp.write_text(json.dumps(summary, indent=1))
-    tmp.replace(profile_dir / "summary.json")
-    (profile_dir / "summary.md").write_text(format_summary(summary))
+    paths.atomic_write_text(Path(profile_dir) / "summary.json", json.dumps(summary, indent=1))
+    paths.atomic_write_text(Path(profile_dir) / "summary.md", format_summary(summary))
 
 
 # Notebooks that read device-level GPU memory (mem_get_info, what nvidia-smi shows): with --jobs they
@@ -179,10 +176,6 @@ def run_notebooks(notebooks: list[Path], profile: str, out: Path, overrides: dic
     which run first, one at a time. Entries of notebooks not run this time stay in
     summary.json, so running one lab again does not erase the others' results.
     """
-    from concurrent.futures import ThreadPoolExecutor, as_completed
-
-    from tqdm.auto import tqdm
-
     if profile == "auto":
         profile = default_profile()
     if profile not in PROFILE_NAMES:
@@ -226,8 +219,6 @@ def strip_notebook(path: Path) -> bool:
 
     Committed notebooks stay clean (tests/test_notebooks.py checks); executed copies live in runs/.
     """
-    import nbformat
-
     nb = nbformat.read(str(path), as_version=4)
     before = nbformat.writes(nb)
     for cell in nb.cells:

@@ -17,7 +17,7 @@
 
 Training (lab 05) is the transformers `Trainer`, configured in one place (`TrainConfig`,
 `make_trainer`) and run by `finetune`, which adds what the lab measures: per-step wall
-time, peak memory (`MemoryMeter`) and resuming an interrupted run from its last checkpoint.
+time, peak memory (`measure.MemoryMeter`) and resuming an interrupted run from its last checkpoint.
 Shipping the result: `save_adapter`, `load_adapter` (onto a freshly loaded base) and
 `merge_adapter` (into a 16-bit base); `answer_logits` compares two models' outputs.
 
@@ -28,18 +28,21 @@ of per-batch means (evaluate's is a mean over all answer tokens), so the two dif
 
 import hashlib
 import json
-import re
 import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import bitsandbytes.functional as bnbf
 import torch
 import torch.nn.functional as F
-from transformers import PrinterCallback, TrainerCallback
+from datasets import Dataset
+from peft import PeftModel
+from tqdm.auto import tqdm
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from qlora_lab import data
+from qlora_lab import data, measure, models, recipe
 
 
 def _batches(items: list, size: int):
@@ -53,8 +56,6 @@ def evaluate(model, tokenizer, rows, batch_size: int = 16, progress: bool = Fals
 
     Example: evaluate(model, tok, load_task()["eval"].select(range(32))) -> {"loss": 1.67, "accuracy": 0.0, ...}
     """
-    from tqdm.auto import tqdm
-
     was_training = model.training
     model.eval()
     encoded = [data.encode(row, tokenizer) for row in rows]
@@ -161,9 +162,8 @@ def resolve_optimizer(optim: str = "auto", device: str | torch.device | None = N
     Example: resolve_optimizer("auto", "cpu") -> "adamw_torch"
     """
     if optim != "auto":
-        return optim
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return "paged_adamw_8bit" if device.type == "cuda" else "adamw_torch"
+        return recipe.optimizer(optim).name
+    return "paged_adamw_8bit" if torch.device(device or recipe.default_device()).type == "cuda" else "adamw_torch"
 
 
 def answer_argmax(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -211,65 +211,6 @@ class StepTimer(TrainerCallback):
             self._start = None
 
 
-class MemoryMeter:
-    """Peak memory while a block runs: CUDA's allocator peak, or the CPU process's peak RSS.
-
-    On CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats, i.e. the most
-    bytes live tensors ever held. On Linux CPUs: the process's peak resident set (VmHWM),
-    reset through /proc/self/clear_refs at the start; it counts everything the process
-    holds (Python, libraries, other objects), so compare two runs in the same process
-    state rather than reading it as "the model's memory". Elsewhere: not measured (None).
-    Example: with MemoryMeter() as m: train(); m.peak_bytes -> 1_234_567_890
-    """
-
-    def __init__(self, device: str | torch.device | None = None):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.kind = ""  # what was measured, in words
-        self.start_bytes: int | None = None  # at the start of the block
-        self.peak_bytes: int | None = None  # the peak during the block
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.kind = "torch.cuda.max_memory_allocated"
-            self.start_bytes = torch.cuda.memory_allocated(self.device)
-        else:
-            try:
-                _trim_malloc()
-                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-                self.kind = "peak RSS of this process (VmHWM)"
-                self.start_bytes = _proc_status_bytes("VmRSS")
-            except OSError:
-                self.kind = "not measured (no /proc/self/clear_refs on this OS)"
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
-        elif self.start_bytes is not None:
-            self.peak_bytes = _proc_status_bytes("VmHWM")
-        return False
-
-
-def _proc_status_bytes(field_name: str) -> int:
-    match = re.search(rf"^{field_name}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-    return int(match.group(1)) * 1024
-
-
-def _trim_malloc() -> None:
-    """Give freed heap memory back to the OS (glibc), so a new peak-RSS window starts low."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def last_checkpoint(output_dir: str | Path) -> tuple[Path | None, int]:
     """The newest checkpoint-<step> folder under output_dir and its step, or (None, 0).
 
@@ -293,13 +234,11 @@ def make_trainer(model, tokenizer, train_rows, eval_rows, config: TrainConfig, o
     setting (lora.add_lora turns it on); Trainer does not change it.
     Example: make_trainer(model, tok, task["train"], task["eval"].select(range(100)), TrainConfig(), "runs/x").train()
     """
-    from datasets import Dataset
-    from transformers import Trainer, TrainingArguments
-
     def encoded(rows):
         return Dataset.from_list([data.encode(row, tokenizer) for row in rows]) if rows is not None else None
 
     device = next(model.parameters()).device
+    optim, optim_args = recipe.trainer_optim(resolve_optimizer(config.optim, device))
     evaluate_too = bool(config.eval_every) and eval_rows is not None
     args = TrainingArguments(
         output_dir=str(output_dir),
@@ -310,7 +249,8 @@ def make_trainer(model, tokenizer, train_rows, eval_rows, config: TrainConfig, o
         lr_scheduler_type="linear",
         warmup_steps=config.warmup_steps,
         weight_decay=config.weight_decay,
-        optim=resolve_optimizer(config.optim, device),
+        optim=optim,
+        optim_args=optim_args or None,
         logging_steps=config.log_every,
         eval_strategy="steps" if evaluate_too else "no",
         eval_steps=config.eval_every or None,
@@ -381,7 +321,7 @@ def finetune(model, tokenizer, train_rows, eval_rows, config: TrainConfig, outpu
                            callbacks=[timer, *(callbacks or [])], progress=progress)
     device = next(model.parameters()).device
     start = time.perf_counter()
-    with MemoryMeter(device) as meter:
+    with measure.MemoryMeter(device) as meter:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - start
     return FinetuneResult(
@@ -414,10 +354,6 @@ def load_adapter(adapter_dir: str | Path, spec: str, quant: str | None = "nf4", 
 
     Example: model, tok = load_adapter("runs/adapter", "smollm2-135m")  # 4-bit base + adapter
     """
-    from peft import PeftModel
-
-    from qlora_lab import models
-
     base, tokenizer = models.load_model(spec, quant=quant, **load_kwargs)
     model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     return model.eval(), tokenizer
@@ -434,10 +370,6 @@ def merge_adapter(adapter_dir: str | Path, spec: str, out_dir: str | Path | None
     Returns (merged transformers model, tokenizer).
     Example: merged, tok = merge_adapter("runs/adapter", "smollm2-135m", "runs/merged")
     """
-    from peft import PeftModel
-
-    from qlora_lab import models
-
     base, tokenizer = models.load_model(spec, quant=None, **load_kwargs)
     if base_from_4bit:
         quantized, _ = models.load_model(spec, quant="nf4", **load_kwargs)
@@ -459,9 +391,7 @@ def frozen_to_compute_dtype(model, dtype: torch.dtype | None = None) -> int:
     16-bit values to begin with) before comparing the two. LoRA weights (named lora_A/lora_B) stay fp32.
     Example: frozen_to_compute_dtype(model) -> 62  # 61 norms + the embedding of SmolLM2-135M
     """
-    from qlora_lab import models
-
-    dtype = dtype or models.default_compute_dtype(next(model.parameters()).device)
+    dtype = dtype or recipe.default_compute_dtype(next(model.parameters()).device)
     changed = 0
     for name, param in model.named_parameters():
         if "lora_" not in name and param.dtype == torch.float32:
@@ -476,8 +406,6 @@ def replace_with_dequantized(model16, model4) -> int:
 
     Returns how many weights were replaced. Example: replace_with_dequantized(base16, base4) -> 210
     """
-    import bitsandbytes.functional as bnbf
-
     linears = dict(model16.named_modules())
     replaced = 0
     for name, module in model4.named_modules():

@@ -28,35 +28,22 @@ modules and PyTorch's SDPA/eager attention; a few small terms (bias-free RoPE ca
 labels) are folded into `misc`. Everything is plain arithmetic: one estimate takes microseconds.
 """
 
-import argparse
-import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 
-import torch
-
-from qlora_lab import models
+from qlora_lab import models, recipe, shapes
+from qlora_lab.recipe import DTYPE_BYTES
+from qlora_lab.shapes import Arch
 
 GiB = 2**30
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 METHODS = ("full", "lora", "qlora")
-QUANTS = ("nf4", "fp4", "int8")
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd", "sgd_momentum")
 ATTENTIONS = ("sdpa", "eager")
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALLOC_ROUND = 512  # PyTorch's CUDA caching allocator rounds every tensor up to a multiple of 512 bytes
 PAGED_MIN_NUMEL = 100_000  # bitsandbytes pages only state tensors of at least 1e5 elements
 BNB_8BIT_MIN_NUMEL = 4096  # bitsandbytes keeps 32-bit state for tensors smaller than this
 CUBLAS_WORKSPACE = 32 * 2**20  # cuBLAS workspace PyTorch allocates per stream on Hopper-class GPUs (CUDA only)
 CUDA_CONTEXT = 750 * 2**20  # CUDA context + kernels of torch/cuBLAS/bitsandbytes: device use minus reserved, H100 (tests/data)
 ALLOCATOR_SLACK = 0.15  # reserved / allocated - 1 at the peak: 7-32 % measured on an H100; 15 % assumed
-
-GPUS = {  # name -> usable memory in bytes (marketing GB as the driver reports it)
-    "T4 16GB": 15 * GiB, "L4 24GB": 22.5 * GiB, "RTX 3090 24GB": 24 * GiB, "RTX 4090 24GB": 24 * GiB,
-    "A100 40GB": 40 * GiB, "A100 80GB": 80 * GiB, "H100 80GB": 79.6 * GiB, "H200 141GB": 139.8 * GiB,
-    "48GB (paper)": 48 * GiB,
-}
 
 
 class SetupError(ValueError):
@@ -67,7 +54,7 @@ class SetupError(ValueError):
 class Setup:
     """One training configuration: everything that decides the memory of a step."""
 
-    model: str = "llama-2-7b"  # preset shape (models.ARCHITECTURES), or a checkpoint dir / hub id
+    model: str = "llama-2-7b"  # preset shape (shapes.ARCHITECTURES), or a checkpoint dir / hub id
     method: str = "qlora"  # "full" (all weights train), "lora" (16-bit base + adapters), "qlora" (k-bit base + adapters)
     quant: str = "nf4"  # qlora base storage: "nf4" | "fp4" | "int8"
     base_dtype: str | None = None  # storage of the weights for full/lora: "fp32" | "bf16" | "fp16" (None: full fp32, lora bf16)
@@ -79,7 +66,7 @@ class Setup:
     targets: str | tuple = "all-linear"  # LoRA target modules: "all-linear" or names like ("q_proj", "v_proj")
     lora_dropout: float = 0.0  # LoRA dropout probability (> 0 keeps a dropped copy of each adapter input)
     adapter_dtype: str = "fp32"  # peft stores adapters in fp32 by default (autocast_adapter_dtype=True)
-    optimizer: str = "adamw"  # "adamw" | "adamw_8bit" | "paged_adamw_8bit" | "paged_adamw_32bit" | "sgd" | "sgd_momentum"
+    optimizer: str = "adamw_torch"  # a transformers optim name from recipe.OPTIMIZERS (older names are aliases)
     batch: int = 1  # sequences per step
     seq: int = 512  # tokens per sequence
     checkpointing: bool = True  # gradient checkpointing of every decoder layer
@@ -89,103 +76,38 @@ class Setup:
         return self.base_dtype or ("fp32" if self.method == "full" else "bf16")
 
     def target_list(self) -> list[str]:
-        if self.targets in ("all-linear", ("all-linear",), ["all-linear"]):
-            return list(LINEARS)
-        names = self.targets.split(",") if isinstance(self.targets, str) else list(self.targets)
-        return [n.strip() for n in names if n.strip()]
+        return shapes.target_list(self.targets)
 
 
-@dataclass(frozen=True)
-class Shape:
-    """The numbers of a decoder-only transformer that memory depends on."""
-
-    name: str  # preset name or where the config came from
-    hidden: int  # d_model
-    intermediate: int  # MLP inner size
-    layers: int  # decoder layers
-    heads: int  # query heads
-    kv_heads: int  # key/value heads
-    head_dim: int  # size of one head
-    vocab: int  # vocabulary size
-    tied: bool  # lm_head shares the embedding matrix
-    qkv_bias: bool = False  # q/k/v projections have biases (Qwen2)
-
-    @property
-    def q_dim(self) -> int:
-        return self.heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.kv_heads * self.head_dim
-
-    def linears(self) -> dict[str, tuple[int, int]]:
-        """(in_features, out_features) of each linear layer of one decoder layer."""
-        h, i, q, kv = self.hidden, self.intermediate, self.q_dim, self.kv_dim
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-
-    def parameter_counts(self) -> dict[str, int]:
-        """Exact parameter counts by kind. Example: shape("llama-2-7b").parameter_counts()["total"] -> 6738415616"""
-        per_layer_linear = sum(a * b for a, b in self.linears().values())
-        bias = (self.q_dim + 2 * self.kv_dim) if self.qkv_bias else 0
-        counts = {
-            "embedding": self.vocab * self.hidden,
-            "lm_head": 0 if self.tied else self.vocab * self.hidden,
-            "linear": self.layers * per_layer_linear,
-            "bias": self.layers * bias,
-            "norm": (2 * self.layers + 1) * self.hidden,
-        }
-        counts["total"] = sum(counts.values())
-        return counts
-
-
-def shape(model) -> Shape:
-    """The Shape of a preset name, a transformers config, or a checkpoint dir / hub id.
-
-    Example: shape("mistral-7b").kv_heads -> 8
-    """
-    if isinstance(model, Shape):
-        return model
-    if isinstance(model, str) and model in models.ARCHITECTURES:
-        a = models.ARCHITECTURES[model]
-        return Shape(model, a.hidden, a.intermediate, a.layers, a.heads, a.kv_heads, a.head_dim, a.vocab, a.tied,
-                     a.qkv_bias)
-    if isinstance(model, str):
-        from transformers import AutoConfig
-
+def _arch(model) -> Arch:
+    """The architecture of a preset name, an Arch, a transformers config, or a checkpoint dir / hub id."""
+    if isinstance(model, str) and model not in shapes.ARCHITECTURES:
         try:
-            models.resolve(model)
-            config = AutoConfig.from_pretrained(models.checkpoint_for(model))
-        except (models.ModelSpecError, OSError) as err:
-            raise SetupError(f"unknown model {model!r}: use a preset ({', '.join(models.ARCHITECTURES)}), "
+            return replace(shapes.of(models.config_for(model)), name=model)
+        except (models.ModelSpecError, OSError, ValueError) as err:
+            raise SetupError(f"unknown model {model!r}: use a preset ({', '.join(shapes.ARCHITECTURES)}), "
                              f"a transformers config, or a checkpoint directory / hub id ({err})") from None
-        name = model
-    else:
-        config, name = model, getattr(model, "name_or_path", "") or type(model).__name__
     try:
-        heads = config.num_attention_heads
-        return Shape(name, config.hidden_size, config.intermediate_size, config.num_hidden_layers, heads,
-                     getattr(config, "num_key_value_heads", None) or heads,
-                     getattr(config, "head_dim", None) or config.hidden_size // heads, config.vocab_size,
-                     bool(getattr(config, "tie_word_embeddings", False)),
-                     bool(getattr(config, "attention_bias", False) or config.model_type == "qwen2"))
-    except AttributeError as err:
-        raise SetupError(f"{name!r} is not a decoder-only transformer config this calculator knows ({err})") from None
+        return shapes.of(model)
+    except ValueError as err:
+        raise SetupError(str(err)) from None
 
 
-def validate(setup: Setup, sh: Shape) -> None:
+def validate(setup: Setup, sh: Arch) -> None:
     """Raise SetupError naming what is allowed, for any input the calculator cannot honour."""
     def bad(msg):
         raise SetupError(msg)
 
     if setup.method not in METHODS:
         bad(f"method must be one of {METHODS}, got {setup.method!r}")
-    if setup.method == "qlora" and setup.quant not in QUANTS:
-        bad(f"quant must be one of {QUANTS} for qlora, got {setup.quant!r}")
+    if setup.method == "qlora" and setup.quant not in recipe.LOAD_QUANTS:
+        bad(f"quant must be one of {recipe.LOAD_QUANTS} for qlora, got {setup.quant!r}")
     if setup.resolved_base_dtype() not in DTYPE_BYTES or setup.compute_dtype not in DTYPE_BYTES:
         bad(f"base_dtype and compute_dtype must be one of {tuple(DTYPE_BYTES)}")
-    if setup.optimizer not in OPTIMIZERS:
-        bad(f"optimizer must be one of {OPTIMIZERS}, got {setup.optimizer!r}")
+    try:
+        recipe.optimizer(setup.optimizer)
+    except ValueError as err:
+        bad(str(err))
     if setup.attn not in ATTENTIONS:
         bad(f"attn must be one of {ATTENTIONS}, got {setup.attn!r}")
     for name, value in (("batch", setup.batch), ("seq", setup.seq)):
@@ -198,12 +120,12 @@ def validate(setup: Setup, sh: Shape) -> None:
     if setup.method != "full":
         if not isinstance(setup.r, int) or setup.r <= 0:
             bad(f"r must be a positive integer, got {setup.r!r}")
-        targets = setup.target_list()
-        unknown = [t for t in targets if t not in LINEARS]
-        if unknown or not targets:
-            bad(f"target modules {unknown or targets} are not in {sh.name}; it has {list(LINEARS)} (or 'all-linear')")
+        try:
+            targets = setup.target_list()
+        except ValueError as err:
+            bad(f"{err} ({sh.name})")
         for t in targets:
-            d_in, d_out = sh.linears()[t]
+            d_in, d_out = shapes.linears(sh)[t]
             if setup.r > min(d_in, d_out):
                 bad(f"r={setup.r} is larger than {t}'s dimensions ({d_in} -> {d_out}); use r <= {min(d_in, d_out)}")
 
@@ -216,7 +138,7 @@ def _round(nbytes: float) -> int:
     return int(math.ceil(nbytes / ALLOC_ROUND) * ALLOC_ROUND) if nbytes > 0 else 0
 
 
-def weight_bytes(setup: Setup, sh: Shape) -> int:
+def weight_bytes(setup: Setup, sh: Arch) -> int:
     """Stored base weights, quantization constants excluded.
 
     qlora nf4/fp4: each decoder linear of n weights is a uint8 tensor of ceil(n/2) bytes (two
@@ -224,19 +146,19 @@ def weight_bytes(setup: Setup, sh: Shape) -> int:
     (embeddings, lm_head when untied, norms, biases) stays unquantized: fp32 after
     prepare_model_for_kbit_training's upcast, else the compute dtype.
     lora/full: every parameter in the base dtype (2 bytes bf16/fp16, 4 bytes fp32).
-    Example: weight_bytes(Setup(method="lora"), shape("llama-2-7b")) -> 13_476_831_232 (2 x 6.74e9)
+    Example: weight_bytes(Setup(method="lora"), shapes.of("llama-2-7b")) -> 13_476_831_232 (2 x 6.74e9)
     """
     if setup.method != "qlora":
-        return sh.parameter_counts()["total"] * DTYPE_BYTES[setup.resolved_base_dtype()]
+        return shapes.parameter_counts(sh)["total"] * DTYPE_BYTES[setup.resolved_base_dtype()]
     per_weight = 0.5 if setup.quant in ("nf4", "fp4") else 1
-    linear = sum(_round(math.ceil(a * b * per_weight)) for a, b in sh.linears().values())
+    linear = sum(_round(math.ceil(a * b * per_weight)) for a, b in shapes.linears(sh).values())
     other = 4 if setup.prepare else DTYPE_BYTES[setup.compute_dtype]
     bias = sum(_round(n * other) for n in (sh.q_dim, sh.kv_dim, sh.kv_dim)) if sh.qkv_bias else 0
     embeddings = _round(sh.vocab * sh.hidden * other) * (1 if sh.tied else 2)
     return sh.layers * (linear + bias + 2 * _round(sh.hidden * other)) + _round(sh.hidden * other) + embeddings
 
 
-def quant_constant_bytes(setup: Setup, sh: Shape) -> int:
+def quant_constant_bytes(setup: Setup, sh: Arch) -> int:
     """Quantization constants of the k-bit linears.
 
     4-bit, per linear of n weights, blocks = ceil(n / blocksize):
@@ -250,7 +172,7 @@ def quant_constant_bytes(setup: Setup, sh: Shape) -> int:
     if setup.method != "qlora":
         return 0
     total = 0
-    for d_in, d_out in sh.linears().values():
+    for d_in, d_out in shapes.linears(sh).values():
         n = d_in * d_out
         if setup.quant == "int8":
             total += _round(4 * d_out)
@@ -263,28 +185,17 @@ def quant_constant_bytes(setup: Setup, sh: Shape) -> int:
     return total * sh.layers
 
 
-def lora_parameter_count(setup: Setup, sh: Shape) -> int:
-    """Trainable adapter parameters: r x (d_in + d_out) per targeted linear, in every layer.
-
-    Example: r=16 on all 7 linears of llama-2-7b -> 16 x (3 x 8192 + 3 x 8192 ... ) x 32 = 39,976,960
-    """
-    if setup.method == "full":
-        return 0
-    lin = sh.linears()
-    return sh.layers * sum(setup.r * (lin[t][0] + lin[t][1]) for t in setup.target_list())
-
-
-def _trainable_tensors(setup: Setup, sh: Shape) -> list[tuple[int, int, int]]:
+def _trainable_tensors(setup: Setup, sh: Arch) -> list[tuple[int, int, int]]:
     """(numel, bytes per element, how many such tensors) for every kind of trainable tensor."""
     if setup.method == "full":
         b = DTYPE_BYTES[setup.resolved_base_dtype()]
-        tensors = [(a * c, b, sh.layers) for a, c in sh.linears().values()]
+        tensors = [(a * c, b, sh.layers) for a, c in shapes.linears(sh).values()]
         tensors += [(sh.hidden, b, 2 * sh.layers + 1), (sh.vocab * sh.hidden, b, 1 if sh.tied else 2)]
         if sh.qkv_bias:
             tensors += [(sh.q_dim, b, sh.layers), (sh.kv_dim, b, 2 * sh.layers)]
         return tensors
     f = DTYPE_BYTES[setup.adapter_dtype]
-    lin = sh.linears()
+    lin = shapes.linears(sh)
     tensors = []
     for t in setup.target_list():
         d_in, d_out = lin[t]
@@ -292,55 +203,56 @@ def _trainable_tensors(setup: Setup, sh: Shape) -> list[tuple[int, int, int]]:
     return tensors
 
 
-def lora_bytes(setup: Setup, sh: Shape) -> int:
+def lora_bytes(setup: Setup, sh: Arch) -> int:
     """Adapter weights: lora_parameter_count x 4 bytes (peft keeps A and B in fp32)."""
     if setup.method == "full":
         return 0
     return sum(k * _round(n * b) for n, b, k in _trainable_tensors(setup, sh))
 
 
-def gradient_bytes(setup: Setup, sh: Shape) -> int:
+def gradient_bytes(setup: Setup, sh: Arch) -> int:
     """One gradient per trainable tensor, in its dtype (LoRA: fp32 adapters only; full: every weight)."""
     return sum(k * _round(n * b) for n, b, k in _trainable_tensors(setup, sh))
 
 
-def optimizer_bytes(setup: Setup, sh: Shape) -> tuple[int, int]:
+def optimizer_bytes(setup: Setup, sh: Arch) -> tuple[int, int]:
     """(allocator bytes, paged bytes) of optimizer state.
 
-    adamw (torch):       two states per trainable tensor in its own dtype (exp_avg, exp_avg_sq)
-    adamw_8bit (bnb):    two uint8 states + two fp32 absmax per 256-block for tensors of >= 4096
+    adamw_torch(_fused): two states per trainable tensor in its own dtype (exp_avg, exp_avg_sq)
+    adamw_bnb_8bit:      two uint8 states + two fp32 absmax per 256-block for tensors of >= 4096
                          elements; two fp32 states below that (bitsandbytes Optimizer2State)
-    paged_* (bnb):       the same, but state tensors of >= 1e5 elements are allocated in CUDA
-                         unified memory (F.get_paged): outside PyTorch's allocator, pageable to CPU
+    paged_* (bnb):       the same (paged_adamw_32bit: fp32 states), but state tensors of >= 1e5
+                         elements are allocated in CUDA unified memory (F.get_paged): outside
+                         PyTorch's allocator, pageable to CPU
     sgd: none; sgd_momentum: one momentum buffer per tensor.
     """
-    opt = setup.optimizer
+    opt = recipe.optimizer(setup.optimizer)
+    bnb = opt.eight_bit or opt.paged
     alloc = paged = 0
     for n, b, k in _trainable_tensors(setup, sh):
-        if opt == "adamw":
-            alloc += k * 2 * _round(n * b)
-        elif opt == "sgd_momentum":
-            alloc += k * _round(n * b)
-        elif opt in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
-            eight_bit = opt != "paged_adamw_32bit" and n >= BNB_8BIT_MIN_NUMEL
-            state = n if eight_bit else 4 * n
-            if opt.startswith("paged") and n >= PAGED_MIN_NUMEL:
-                paged += k * 2 * state
-            else:
-                alloc += k * 2 * _round(state)
-            if eight_bit:
-                alloc += k * (2 * _round(4 * math.ceil(n / 256)) + _round(4))  # absmax1/2 + unorm_vec
+        if not bnb:
+            alloc += k * opt.states * _round(n * b)
+            continue
+        eight_bit = opt.eight_bit and n >= BNB_8BIT_MIN_NUMEL
+        state = n if eight_bit else 4 * n
+        if opt.paged and n >= PAGED_MIN_NUMEL:
+            paged += k * 2 * state
+        else:
+            alloc += k * 2 * _round(state)
+        if eight_bit:
+            alloc += k * (2 * _round(4 * math.ceil(n / 256)) + _round(4))  # absmax1/2 + unorm_vec
     return alloc, paged
 
 
-def optimizer_temp_bytes(setup: Setup, sh: Shape, device: str = "cuda") -> int:
+def optimizer_temp_bytes(setup: Setup, sh: Arch, device: str = "cuda") -> int:
     """Temporaries of one optimizer step.
 
-    torch AdamW's foreach implementation (the default on CUDA) computes sqrt(exp_avg_sq) for
-    all tensors at once into new tensors: one more copy of the state's size. On CPU it loops
-    over tensors (no such copy); bitsandbytes' fused kernels and SGD update in place.
+    torch AdamW's foreach implementation (adamw_torch, the default on CUDA) computes
+    sqrt(exp_avg_sq) for all tensors at once into new tensors: one more copy of the state's
+    size. On CPU it loops over tensors (no such copy); the fused kernel (adamw_torch_fused),
+    bitsandbytes' kernels and SGD update in place.
     """
-    if setup.optimizer != "adamw" or device != "cuda":
+    if recipe.optimizer(setup.optimizer).name != "adamw_torch" or device != "cuda":
         return 0
     return gradient_bytes(setup, sh)  # one temporary per state tensor, same sizes as the gradients
 
@@ -360,7 +272,7 @@ def stream_bytes(setup: Setup) -> int:
     return DTYPE_BYTES[setup.resolved_base_dtype()]
 
 
-def attention_kernel(setup: Setup, sh: Shape, device: str = "cuda") -> str:
+def attention_kernel(setup: Setup, sh: Arch, device: str = "cuda") -> str:
     """Which attention computation runs: "fused" (flash / memory-efficient / CPU flash) or "scores".
 
     "scores" materialises the s x s attention probabilities: eager attention always, and
@@ -368,7 +280,7 @@ def attention_kernel(setup: Setup, sh: Shape, device: str = "cuda") -> str:
     flash attention needs 16-bit inputs and the memory-efficient kernel does not take GQA, so
     SDPA falls back to its math kernel. That is QLoRA after prepare_model_for_kbit_training
     (fp32 stream) on Llama-3, Mistral, Qwen2 or SmolLM2 (measured on an H100, torch 2.11).
-    Example: attention_kernel(Setup(model="mistral-7b"), shape("mistral-7b")) -> "scores"
+    Example: attention_kernel(Setup(model="mistral-7b"), shapes.of("mistral-7b")) -> "scores"
     """
     if setup.attn == "eager":
         return "scores"
@@ -377,7 +289,7 @@ def attention_kernel(setup: Setup, sh: Shape, device: str = "cuda") -> str:
     return "fused"
 
 
-def layer_activation_bytes(setup: Setup, sh: Shape, device: str = "cuda") -> dict[str, int]:
+def layer_activation_bytes(setup: Setup, sh: Arch, device: str = "cuda") -> dict[str, int]:
     """Bytes autograd saves for backward in one decoder layer, per token, by part (no checkpointing).
 
     With a = stream bytes, f = adapter bytes (4), h/q/kv/I = hidden/query/kv/intermediate sizes,
@@ -397,7 +309,7 @@ def layer_activation_bytes(setup: Setup, sh: Shape, device: str = "cuda") -> dic
                  output (f*r)
       dropout    lora_dropout > 0: per targeted module a dropped copy (f * d_in) and the mask
                  (bool on CUDA, 1 byte; fp32 on CPU, 4 bytes)
-    Example: layer_activation_bytes(Setup(), shape("smollm2-135m"))["total"] -> 40_324 (QLoRA r=16, fp32 stream)
+    Example: layer_activation_bytes(Setup(), shapes.of("smollm2-135m"))["total"] -> 40_324 (QLoRA r=16, fp32 stream)
     """
     a, f = stream_bytes(setup), DTYPE_BYTES[setup.adapter_dtype]
     h, q, kv, inter, s, n = sh.hidden, sh.q_dim, sh.kv_dim, sh.intermediate, setup.seq, sh.heads
@@ -432,7 +344,7 @@ def layer_activation_bytes(setup: Setup, sh: Shape, device: str = "cuda") -> dic
     return {**parts, "total": sum(parts.values())}
 
 
-def activation_bytes(setup: Setup, sh: Shape, device: str = "cuda") -> int:
+def activation_bytes(setup: Setup, sh: Arch, device: str = "cuda") -> int:
     """Saved activations of the whole forward (logits and loss excluded), for batch x seq tokens.
 
     No checkpointing: layers x layer_activation_bytes + the final norm (4h + 4).
@@ -446,7 +358,7 @@ def activation_bytes(setup: Setup, sh: Shape, device: str = "cuda") -> int:
     return t * (sh.layers * per_layer + final_norm)
 
 
-def logits_bytes(setup: Setup, sh: Shape) -> dict[str, int]:
+def logits_bytes(setup: Setup, sh: Arch) -> dict[str, int]:
     """The vocabulary-sized tensors of the loss, for batch x seq tokens (t) and vocab V.
 
     logits:     t x V in the lm_head's dtype (fp32 after prepare's upcast, else the weights' dtype)
@@ -460,7 +372,7 @@ def logits_bytes(setup: Setup, sh: Shape) -> dict[str, int]:
             "grad buffers": 2 * t * v * 4}
 
 
-def layer_forward_temp_bytes(setup: Setup, sh: Shape) -> int:
+def layer_forward_temp_bytes(setup: Setup, sh: Arch) -> int:
     """Transient tensors inside one checkpointed layer's forward (nothing is saved there).
 
     The MLP holds gate, silu(gate), up and their product at once (4 x a x t x I); a k-bit
@@ -470,13 +382,13 @@ def layer_forward_temp_bytes(setup: Setup, sh: Shape) -> int:
     t, a = setup.batch * setup.seq, stream_bytes(setup)
     temp = 4 * a * t * sh.intermediate
     if setup.method == "qlora":
-        temp += 2 * t * sh.intermediate + 2 * max(d_in * d_out for d_in, d_out in sh.linears().values())
+        temp += 2 * t * sh.intermediate + 2 * max(d_in * d_out for d_in, d_out in shapes.linears(sh).values())
     elif setup.method == "lora" and "down_proj" in setup.target_list() and a != DTYPE_BYTES[setup.adapter_dtype]:
         temp += DTYPE_BYTES[setup.adapter_dtype] * t * sh.intermediate
     return temp
 
 
-def layer_backward_temp_bytes(setup: Setup, sh: Shape) -> int:
+def layer_backward_temp_bytes(setup: Setup, sh: Arch) -> int:
     """Transient gradient buffers while one decoder layer runs backward (peaking in its MLP).
 
     The gradients of the MLP's intermediate tensors (t x I each) coexist for a moment: the
@@ -489,7 +401,7 @@ def layer_backward_temp_bytes(setup: Setup, sh: Shape) -> int:
     t = setup.batch * setup.seq
     temp = t * sh.intermediate * (stream_bytes(setup) + 4)
     if setup.method == "qlora":
-        temp += 2 * max(d_in * d_out for d_in, d_out in sh.linears().values())
+        temp += 2 * max(d_in * d_out for d_in, d_out in shapes.linears(sh).values())
     return temp
 
 
@@ -501,7 +413,7 @@ class Estimate:
     """A predicted training-step peak and where its bytes go."""
 
     setup: Setup  # what was estimated
-    shape: Shape  # the architecture's numbers
+    shape: Arch  # the architecture's numbers
     terms: dict = field(default_factory=dict)  # bytes by term at the peak moment
     phases: dict = field(default_factory=dict)  # predicted allocated peak of each moment
     peak_allocated_bytes: int = 0  # predicted torch.cuda.max_memory_allocated over a step
@@ -514,15 +426,6 @@ class Estimate:
     def device_bytes(self) -> int:
         """What nvidia-smi would show at the peak: allocated + paged + overhead."""
         return self.peak_allocated_bytes + self.paged_bytes + self.overhead_bytes
-
-    def fits(self, gpu: str) -> bool:
-        """Whether the step fits a GPU from GPUS (its memory against device_bytes).
-
-        Example: estimate("llama-2-7b", method="qlora").fits("T4 16GB") -> True
-        """
-        if gpu not in GPUS:
-            raise SetupError(f"unknown GPU {gpu!r}; known: {', '.join(GPUS)}")
-        return self.device_bytes <= GPUS[gpu]
 
     def to_dict(self) -> dict:
         return {"peak_allocated_bytes": self.peak_allocated_bytes, "paged_bytes": self.paged_bytes,
@@ -547,7 +450,7 @@ class Estimate:
         return "\n".join(rows)
 
 
-def _phases(setup: Setup, sh: Shape, device: str = "cuda") -> dict[str, dict[str, int]]:
+def _phases(setup: Setup, sh: Arch, device: str = "cuda") -> dict[str, dict[str, int]]:
     """Bytes by term at each candidate peak moment of a step."""
     t = setup.batch * setup.seq
     persistent = {"weights": weight_bytes(setup, sh), "quant_constants": quant_constant_bytes(setup, sh),
@@ -583,19 +486,21 @@ def _phases(setup: Setup, sh: Shape, device: str = "cuda") -> dict[str, dict[str
 def estimate(model="llama-2-7b", device: str = "cuda", **kwargs) -> Estimate:
     """Predict the peak memory of a training step. Keyword arguments are the fields of Setup.
 
-    model is a preset name, a transformers config, a checkpoint dir / hub id, or a Shape.
+    model is a preset name, a transformers config, a checkpoint dir / hub id, or a shapes.Arch.
     device="cpu" drops the CUDA-only terms (cuBLAS workspace, context), to compare with
     measure.measure on a CPU.
     Example: estimate("llama-2-7b", method="qlora", batch=4, seq=512).peak_allocated_bytes / 2**30 -> ~5.9
     """
-    sh = shape(model)
+    sh = _arch(model)
     setup = Setup(model=model if isinstance(model, str) else sh.name, **kwargs)
     validate(setup, sh)
+    setup = replace(setup, optimizer=recipe.optimizer(setup.optimizer).name)  # aliases: one name in results
     phases = _phases(setup, sh, device)
     totals = {name: sum(terms.values()) for name, terms in phases.items()}
     peak_phase = max(totals, key=totals.get)
-    counts = sh.parameter_counts()
-    trainable = lora_parameter_count(setup, sh) if setup.method != "full" else counts["total"]
+    counts = shapes.parameter_counts(sh)
+    trainable = (shapes.lora_parameter_count(sh, setup.r, setup.target_list()) if setup.method != "full"
+                 else counts["total"])
     est = Estimate(setup=setup, shape=sh, terms=phases[peak_phase], phases=totals,
                    peak_allocated_bytes=totals[peak_phase], peak_phase=peak_phase,
                    paged_bytes=optimizer_bytes(setup, sh)[1],
@@ -604,100 +509,3 @@ def estimate(model="llama-2-7b", device: str = "cuda", **kwargs) -> Estimate:
     return est
 
 
-# --------------------------------------------------------------------------- solvers
-
-
-def max_batch(gpu: str, **kwargs) -> int:
-    """The largest batch size whose step fits `gpu` (0 if not even batch 1 fits). Binary search.
-
-    Example: max_batch("T4 16GB", model="llama-2-7b", method="qlora", seq=512) -> 12
-    """
-    return _solve("batch", gpu, kwargs)
-
-
-def max_seq(gpu: str, **kwargs) -> int:
-    """The longest sequence length whose step fits `gpu` (0 if none does)."""
-    return _solve("seq", gpu, kwargs)
-
-
-def _solve(name: str, gpu: str, kwargs: dict, limit: int = 1 << 20) -> int:
-    if gpu not in GPUS:
-        raise SetupError(f"unknown GPU {gpu!r}; known: {', '.join(GPUS)}")
-    kwargs = {k: v for k, v in kwargs.items() if k != name}
-
-    def fits(n):
-        return estimate(**kwargs, **{name: n}).fits(gpu)
-
-    if not fits(1):
-        return 0
-    lo, hi = 1, 2
-    while hi <= limit and fits(hi):
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:  # invariant: fits(lo), not fits(hi)
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
-
-
-def closest_setups(target_gib: float, model: str, grid: dict, top: int = 3, **fixed) -> list[tuple[float, Estimate]]:
-    """Settings from a grid whose device total (what nvidia-smi shows) is closest to a claim.
-
-    grid maps Setup fields to candidate values; every combination is estimated (a few
-    thousand take well under a second). Returns (GiB, estimate) pairs, closest first.
-    Example: closest_setups(6, "llama-2-7b", {"batch": [1, 2, 4], "seq": [256, 512]}, method="qlora")[0][0] -> ~6.0
-    """
-    import itertools
-
-    keys = list(grid)
-    found = []
-    for values in itertools.product(*(grid[k] for k in keys)):
-        try:
-            est = estimate(model, **fixed, **dict(zip(keys, values)))
-        except SetupError:
-            continue
-        found.append((est.device_bytes / GiB, est))
-    found.sort(key=lambda pair: abs(pair[0] - target_gib))
-    return found[:top]
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def main(argv: list[str] | None = None) -> int:
-    """python -m qlora_lab vram --model llama-2-7b --method qlora --batch 4 --seq 512 [--json]"""
-    p = argparse.ArgumentParser(prog="python -m qlora_lab vram", description="Predict the peak memory of a training step.")
-    d = Setup()
-    p.add_argument("--model", default=d.model, help=f"preset ({', '.join(models.ARCHITECTURES)}), dir or hub id")
-    p.add_argument("--method", default=d.method, choices=METHODS)
-    p.add_argument("--quant", default=d.quant, choices=QUANTS)
-    p.add_argument("--base-dtype", default=None, choices=tuple(DTYPE_BYTES))
-    p.add_argument("--compute-dtype", default=d.compute_dtype, choices=tuple(DTYPE_BYTES))
-    p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=d.double_quant)
-    p.add_argument("--blocksize", type=int, default=d.blocksize)
-    p.add_argument("--prepare", action=argparse.BooleanOptionalAction, default=d.prepare,
-                   help="qlora: prepare_model_for_kbit_training (fp32 upcast of unquantized parts)")
-    p.add_argument("--r", type=int, default=d.r)
-    p.add_argument("--targets", default="all-linear", help="comma list (q_proj,v_proj) or all-linear")
-    p.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
-    p.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS)
-    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=d.checkpointing)
-    p.add_argument("--batch", type=int, default=d.batch)
-    p.add_argument("--seq", type=int, default=d.seq)
-    p.add_argument("--attn", default=d.attn, choices=ATTENTIONS)
-    p.add_argument("--gpu", default=None, help=f"also say whether it fits: {', '.join(GPUS)}")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = vars(p.parse_args(argv))
-    as_json, gpu = args.pop("json"), args.pop("gpu")
-    args = {k.replace("-", "_"): v for k, v in args.items()}
-    try:
-        est = estimate(**args)
-    except SetupError as err:
-        print(f"error: {err}")
-        return 2
-    if as_json:
-        print(json.dumps(est.to_dict(), indent=1))
-    else:
-        print(est.table())
-        if gpu:
-            print(f"fits {gpu}: {'yes' if est.fits(gpu) else 'no'}")
-    return 0

@@ -7,7 +7,10 @@ calls `vram_report(...)`, which prints the same numbers as a table and draws the
 The panel's peak label carries the CSS class `qlora-peak` so a browser test can read it.
 """
 
-from qlora_lab import models, plots, vram
+import ipywidgets as W
+from IPython.display import clear_output, display
+
+from qlora_lab import budget, plots, recipe, shapes, vram
 
 TARGET_CHOICES = {"all-linear": "all-linear", "q,v": ("q_proj", "v_proj"), "q,k,v,o": ("q_proj", "k_proj", "v_proj", "o_proj"),
                   "mlp (gate,up,down)": ("gate_proj", "up_proj", "down_proj")}
@@ -20,17 +23,12 @@ def vram_report(gpu: str = "T4 16GB", show_chart: bool = True, **setup) -> vram.
     """
     est = vram.estimate(**setup)
     print(est.table())
-    print(f"fits {gpu}: {'yes' if est.fits(gpu) else 'no'} ({est.device_bytes / vram.GiB:.1f} of "
-          f"{vram.GPUS[gpu] / vram.GiB:.1f} GiB)")
+    print(f"fits {gpu}: {'yes' if budget.fits(est, gpu) else 'no'} ({est.device_bytes / vram.GiB:.1f} of "
+          f"{budget.gpu_bytes(gpu) / vram.GiB:.1f} GiB)")
     if show_chart:
-        from IPython.display import display
-
         fig = plots.plot_vram_breakdown({f"{est.setup.method} {est.setup.model}": est},
-                                        gpu_gib={gpu: vram.GPUS[gpu] / vram.GiB})
+                                        gpu_gib={gpu: budget.gpu_bytes(gpu) / vram.GiB})
         display(fig)
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
     return est
 
 
@@ -38,22 +36,18 @@ def vram_panel(model: str = "llama-2-7b", method: str = "qlora", r: int = 16, ta
                optimizer: str = "paged_adamw_8bit", batch: int = 4, seq: int = 512, checkpointing: bool = True,
                gpu: str = "T4 16GB"):
     """The interactive calculator: returns an ipywidgets box that redraws on every change."""
-    import ipywidgets as W
-    import matplotlib.pyplot as plt
-    from IPython.display import clear_output, display
-
     style = {"description_width": "90px"}
     controls = {
-        "model": W.Dropdown(options=list(models.ARCHITECTURES), value=model, description="model", style=style),
+        "model": W.Dropdown(options=list(shapes.ARCHITECTURES), value=model, description="model", style=style),
         "method": W.ToggleButtons(options=list(vram.METHODS), value=method, description="method", style=style),
         "r": W.Dropdown(options=[1, 2, 4, 8, 16, 32, 64, 128, 256], value=r, description="LoRA r", style=style),
         "targets": W.Dropdown(options=list(TARGET_CHOICES), value=targets, description="targets", style=style),
-        "optimizer": W.Dropdown(options=list(vram.OPTIMIZERS), value=optimizer, description="optimizer", style=style),
+        "optimizer": W.Dropdown(options=list(recipe.OPTIMIZERS), value=optimizer, description="optimizer", style=style),
         "batch": W.IntSlider(value=batch, min=1, max=64, description="batch", style=style, continuous_update=False),
         "seq": W.Dropdown(options=[128, 256, 512, 1024, 2048, 4096, 8192, 16384], value=seq, description="seq len",
                           style=style),
         "checkpointing": W.Checkbox(value=checkpointing, description="gradient checkpointing"),
-        "gpu": W.Dropdown(options=list(vram.GPUS), value=gpu, description="GPU", style=style),
+        "gpu": W.Dropdown(options=list(budget.GPUS), value=gpu, description="GPU", style=style),
     }
     peak = W.HTML()
     peak.add_class("qlora-peak")
@@ -68,16 +62,15 @@ def vram_panel(model: str = "llama-2-7b", method: str = "qlora", r: int = 16, ta
         except vram.SetupError as err:
             peak.value = f"<b style='color:#c44e52'>{err}</b>"
             return
-        fits = est.fits(gpu_name)
+        fits = budget.fits(est, gpu_name)
         peak.value = (f"<b>predicted peak: <span class='qlora-peak-gib'>{est.peak_allocated_bytes / vram.GiB:.2f}</span> GiB"
                       f"</b> allocated, {est.device_bytes / vram.GiB:.2f} GiB on the device "
                       f"({'fits' if fits else 'does not fit'} {gpu_name})")
         with out:
             clear_output(wait=True)
             fig = plots.plot_vram_breakdown({f"{est.setup.method} {est.setup.model}": est},
-                                            gpu_gib={gpu_name: vram.GPUS[gpu_name] / vram.GiB})
+                                            gpu_gib={gpu_name: budget.gpu_bytes(gpu_name) / vram.GiB})
             display(fig)
-            plt.close(fig)
             print(est.table())
 
     for control in controls.values():

@@ -5,16 +5,16 @@ import os
 import pytest
 import torch
 
-from qlora_lab import models
+from qlora_lab import shapes
 
-TINY = models.Arch("llama", hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=4096, tied=True,
+TINY = shapes.Arch("llama", hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=4096, tied=True,
                    max_positions=256)
 
 
 @pytest.fixture
 def tiny_shape(monkeypatch):
     """Registers 'tiny' (2 layers, hidden 64, vocab 4096) as a random: shape for this test."""
-    monkeypatch.setitem(models.ARCHITECTURES, "tiny", TINY)
+    monkeypatch.setitem(shapes.ARCHITECTURES, "tiny", TINY)
     return "tiny"
 
 

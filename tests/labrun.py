@@ -6,14 +6,14 @@ place `python -m qlora_lab run` writes them, so a failing test leaves the execut
 to look at.
 """
 
-from qlora_lab import runner
+from qlora_lab import paths, runner
 
-RUNS = runner.REPO_ROOT / "runs"
+RUNS = paths.REPO_ROOT / "runs"
 
 
 def run_lab(stem: str, profile: str = "smoke", overrides: dict | None = None) -> dict:
     """Execute labs/<stem>.ipynb; fail with the failing cell's source and traceback, else return results."""
-    path = runner.LABS_DIR / f"{stem}.ipynb"
+    path = paths.LABS_DIR / f"{stem}.ipynb"
     entry = runner.run_notebook(path, profile, RUNS / profile, overrides=overrides, progress=False)
     summary = runner.load_summary(RUNS / profile, profile)
     summary["notebooks"][stem] = entry
@@ -24,6 +24,6 @@ def run_lab(stem: str, profile: str = "smoke", overrides: dict | None = None) ->
 
 def run_labs(stems: list[str], profile: str, jobs: int = 1) -> dict[str, dict]:
     """Execute several labs (up to `jobs` at once, see runner.run_notebooks); returns their summary entries."""
-    paths = [runner.LABS_DIR / f"{stem}.ipynb" for stem in stems]
+    paths = [paths.LABS_DIR / f"{stem}.ipynb" for stem in stems]
     summary = runner.run_notebooks(paths, profile, RUNS, progress=False, jobs=jobs)
     return {stem: summary["notebooks"][stem] for stem in stems}

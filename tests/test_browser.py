@@ -17,14 +17,13 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-from qlora_lab import runner
+from qlora_lab import paths
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-SHOTS = runner.REPO_ROOT / "runs" / "browser"
+SHOTS = paths.REPO_ROOT / "runs" / "browser"
 TOKEN = "qlora-lab-browser-test"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
@@ -49,8 +48,8 @@ def jupyterlab(tmp_path_factory):
     """A JupyterLab server on a copy of labs/ (JupyterLab autosaves outputs into the notebooks it runs,
     and the committed ones must stay clean), smoke profile, stopped after the module."""
     root = tmp_path_factory.mktemp("jupyterlab-root")
-    shutil.copytree(runner.LABS_DIR, root / "labs")
-    committed = {p.name: p.read_bytes() for p in runner.LABS_DIR.glob("*.ipynb")}
+    shutil.copytree(paths.LABS_DIR, root / "labs")
+    committed = {p.name: p.read_bytes() for p in paths.LABS_DIR.glob("*.ipynb")}
     port = _free_port()
     settings = SHOTS.parent / "browser-settings"  # JupyterLab user settings for the test: no news pop-up,
     for plugin, values in {"apputils-extension/notification": '{"fetchNews": "false"}',  # every cell in the DOM
@@ -59,7 +58,7 @@ def jupyterlab(tmp_path_factory):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(values)
     env = {**os.environ, "QLORA_LAB_PROFILE": "smoke", "JUPYTERLAB_SETTINGS_DIR": str(settings),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(runner.REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(paths.REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--allow-root", f"--port={port}", "--ip=127.0.0.1",
            f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={root}",
            "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=None",
@@ -80,7 +79,7 @@ def jupyterlab(tmp_path_factory):
         else:
             pytest.fail("JupyterLab did not answer within 60 s")
         yield base
-        assert committed == {p.name: p.read_bytes() for p in runner.LABS_DIR.glob("*.ipynb")}, \
+        assert committed == {p.name: p.read_bytes() for p in paths.LABS_DIR.glob("*.ipynb")}, \
             "running the labs in the browser changed the committed notebooks"
     finally:
         server.terminate()
@@ -197,7 +196,7 @@ def test_lab01_panel_updates_in_the_browser(browser, jupyterlab):
         close(page, "01_vram_budget")
 
 
-@pytest.mark.parametrize("stem", [p.stem for p in sorted(runner.LABS_DIR.glob("[0-9][0-9]_*.ipynb"))
+@pytest.mark.parametrize("stem", [p.stem for p in sorted(paths.LABS_DIR.glob("[0-9][0-9]_*.ipynb"))
                                   if p.stem != "01_vram_budget"])
 def test_lab_runs_in_the_browser(browser, jupyterlab, stem):
     page, state = open_and_run(browser, jupyterlab, stem)

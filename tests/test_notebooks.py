@@ -11,9 +11,9 @@ import nbformat
 import pytest
 from labrun import run_lab
 
-from qlora_lab import runner
+from qlora_lab import paths, runner
 
-LABS = sorted(runner.LABS_DIR.glob("[0-9][0-9]_*.ipynb"))
+LABS = sorted(paths.LABS_DIR.glob("[0-9][0-9]_*.ipynb"))
 
 
 def _read(path: Path):

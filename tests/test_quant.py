@@ -13,7 +13,7 @@ import bitsandbytes.functional as bnbf
 import pytest
 import torch
 
-from qlora_lab import models, quant
+from qlora_lab import models, quant, recipe, shapes
 
 CUDA = torch.device("cuda")
 SHAPES = [(1,), (64,), (7, 9), (33, 100), (256, 65), (192, 576)]  # odd sizes and numel % blocksize != 0
@@ -169,7 +169,7 @@ def test_same_as_bitsandbytes_linear4bit_layers(tiny_shape):
         assert torch.equal(packed, module.weight.data) and torch.equal(ours.absmax, state.absmax)
         assert torch.equal(ours.absmax_scale, state.state2.absmax) and torch.equal(ours.offset, state.offset)
         checked += 1
-    assert checked == 7 * models.ARCHITECTURES[tiny_shape].layers
+    assert checked == 7 * shapes.ARCHITECTURES[tiny_shape].layers
 
 
 def test_bitsandbytes_cpu_dequantize_row_bug_is_theirs():
@@ -296,12 +296,12 @@ def test_quantize_dequantize_model_matches_bitsandbytes_dequantized_weights(tiny
 
 def test_nf4_has_the_lowest_error_on_normal_weights():
     w = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))
-    mse = {t: (quant.dequantize(*quant.quantize(w, t)) - w).pow(2).mean().item() for t in quant.QUANT_TYPES}
+    mse = {t: (quant.dequantize(*quant.quantize(w, t)) - w).pow(2).mean().item() for t in recipe.CODEBOOKS}
     assert mse["nf4"] < mse["int4"] and mse["nf4"] < mse["fp4"]
 
 
 def test_bad_arguments_raise_clear_errors():
-    with pytest.raises(ValueError, match="quant_type must be one of"):
+    with pytest.raises(ValueError, match="quant must be one of"):
         quant.quantize(torch.randn(64), "nf3")
     with pytest.raises(ValueError, match="blocksize must be one of"):
         quant.quantize(torch.randn(64), "nf4", blocksize=48)

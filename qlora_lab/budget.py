@@ -1,0 +1,134 @@
+"""Will it fit? GPUs, the fit verdict, solvers for the largest batch or sequence, and the `vram` CLI.
+
+`vram.estimate` says where the bytes of a step go; this module holds them against a card:
+`fits(estimate, gpu)` compares the device total (allocated peak + paged optimizer state +
+CUDA context and allocator slack, what nvidia-smi shows) with the card's usable memory;
+`max_batch` / `max_seq` search for the largest setting that fits; `closest_setups` finds
+the settings behind a published memory figure. `main` is `python -m qlora_lab vram`.
+
+Shortcut: a card's usable memory is a fixed table entry (the driver's view of its marketing size).
+"""
+
+import argparse
+import itertools
+import json
+import sys
+
+from qlora_lab import recipe, shapes, vram
+from qlora_lab.vram import GiB, Estimate, SetupError, estimate
+
+GPUS = {  # name -> usable memory in bytes (marketing GB as the driver reports it)
+    "T4 16GB": 15 * GiB, "L4 24GB": 22.5 * GiB, "RTX 3090 24GB": 24 * GiB, "RTX 4090 24GB": 24 * GiB,
+    "A100 40GB": 40 * GiB, "A100 80GB": 80 * GiB, "H100 80GB": 79.6 * GiB, "H200 141GB": 139.8 * GiB,
+    "48GB (paper)": 48 * GiB,
+}
+
+
+def gpu_bytes(gpu: str) -> float:
+    """Usable bytes of a card in GPUS; SetupError listing the known ones. Example: gpu_bytes("T4 16GB") / GiB -> 15.0"""
+    if gpu not in GPUS:
+        raise SetupError(f"unknown GPU {gpu!r}; known: {', '.join(GPUS)}")
+    return GPUS[gpu]
+
+
+def fits(est: Estimate, gpu: str) -> bool:
+    """Whether a step fits a GPU from GPUS (its memory against the device total).
+
+    Example: fits(estimate("llama-2-7b", method="qlora"), "T4 16GB") -> True
+    """
+    return est.device_bytes <= gpu_bytes(gpu)
+
+
+def max_batch(gpu: str, **kwargs) -> int:
+    """The largest batch size whose step fits `gpu` (0 if not even batch 1 fits). Binary search.
+
+    Example: max_batch("T4 16GB", model="llama-2-7b", method="qlora", seq=512) -> 12
+    """
+    return _solve("batch", gpu, kwargs)
+
+
+def max_seq(gpu: str, **kwargs) -> int:
+    """The longest sequence length whose step fits `gpu` (0 if none does)."""
+    return _solve("seq", gpu, kwargs)
+
+
+def _solve(name: str, gpu: str, kwargs: dict, limit: int = 1 << 20) -> int:
+    gpu_bytes(gpu)  # a clear error for an unknown card
+    kwargs = {k: v for k, v in kwargs.items() if k != name}
+
+    def ok(n):
+        return fits(estimate(**kwargs, **{name: n}), gpu)
+
+    if not ok(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= limit and ok(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # invariant: ok(lo), not ok(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
+
+
+def closest_setups(target_gib: float, model: str, grid: dict, top: int = 3, **fixed) -> list[tuple[float, Estimate]]:
+    """Settings from a grid whose device total (what nvidia-smi shows) is closest to a claim.
+
+    grid maps Setup fields to candidate values; every combination is estimated (a few
+    thousand take well under a second). Returns (GiB, estimate) pairs, closest first.
+    Example: closest_setups(6, "llama-2-7b", {"batch": [1, 2, 4], "seq": [256, 512]}, method="qlora")[0][0] -> ~6.0
+    """
+    keys = list(grid)
+    found = []
+    for values in itertools.product(*(grid[k] for k in keys)):
+        try:
+            est = estimate(model, **fixed, **dict(zip(keys, values)))
+        except SetupError:
+            continue
+        found.append((est.device_bytes / GiB, est))
+    found.sort(key=lambda pair: abs(pair[0] - target_gib))
+    return found[:top]
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m qlora_lab vram --model llama-2-7b --method qlora --batch 4 --seq 512 [--gpu "T4 16GB"] [--json]"""
+    p = argparse.ArgumentParser(prog="python -m qlora_lab vram", description="Predict the peak memory of a training step.")
+    d = vram.Setup()
+    p.add_argument("--model", default=d.model, help=f"preset ({', '.join(shapes.ARCHITECTURES)}), dir or hub id")
+    p.add_argument("--method", default=d.method, choices=vram.METHODS)
+    p.add_argument("--quant", default=d.quant, choices=recipe.LOAD_QUANTS)
+    p.add_argument("--base-dtype", default=None, choices=tuple(recipe.DTYPE_BYTES))
+    p.add_argument("--compute-dtype", default=d.compute_dtype, choices=tuple(recipe.DTYPE_BYTES))
+    p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=d.double_quant)
+    p.add_argument("--blocksize", type=int, default=d.blocksize)
+    p.add_argument("--prepare", action=argparse.BooleanOptionalAction, default=d.prepare,
+                   help="qlora: prepare_model_for_kbit_training (fp32 upcast of unquantized parts)")
+    p.add_argument("--r", type=int, default=d.r)
+    p.add_argument("--targets", default="all-linear", help="comma list (q_proj,v_proj) or all-linear")
+    p.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
+    p.add_argument("--optimizer", default=d.optimizer, help=f"a Trainer optim name: {', '.join(recipe.OPTIMIZERS)}")
+    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=d.checkpointing)
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--seq", type=int, default=d.seq)
+    p.add_argument("--attn", default=d.attn, choices=vram.ATTENTIONS)
+    p.add_argument("--gpu", default=None, help=f"also say whether it fits: {', '.join(GPUS)}")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = vars(p.parse_args(argv))
+    as_json, gpu = args.pop("json"), args.pop("gpu")
+    try:
+        if gpu is not None:
+            gpu_bytes(gpu)
+        est = estimate(**args)
+    except SetupError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    verdict = {gpu: fits(est, gpu)} if gpu else {}
+    if as_json:
+        print(json.dumps({**est.to_dict(), "fits": verdict}, indent=1))
+    else:
+        print(est.table())
+        for name, ok in verdict.items():
+            print(f"fits {name}: {'yes' if ok else 'no'}")
+    return 0
