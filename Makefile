@@ -7,13 +7,14 @@ OUT ?= runs
 # the browser test and lab 05's smoke test share one)
 WORKERS ?= 2
 
-.PHONY: help install browser-deps lab smoke test gpu-test clean-notebooks clean
+.PHONY: help install browser-deps lab smoke lint test gpu-test clean-notebooks clean
 
 help:
 	@echo "make lab              install what is missing, run every notebook (gpu with CUDA, else cpu) -> runs/"
 	@echo "make test             install what is missing, unit tests + every notebook under the smoke profile,"
 	@echo "                      in papermill and in JupyterLab through a headless Chromium"
 	@echo "make smoke            just the notebooks under the smoke profile, through the runner"
+	@echo "make lint             ruff over the package, tests and data script (make test runs it first)"
 	@echo "make gpu-test         the gpu profile of every notebook, as tests (needs CUDA)"
 	@echo "make clean-notebooks  strip outputs and execution counts from labs/*.ipynb"
 
@@ -36,7 +37,10 @@ browser-deps:
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
 		|| echo "could not install chromium: the browser test will skip"
 
-test: install browser-deps
+lint:
+	$(PYTHON) -m ruff check qlora_lab tests data
+
+test: install browser-deps lint
 	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -ra -n $(WORKERS) --dist loadgroup  # one thread per worker: no oversubscription
 
 # The GPU suite needs only the core requirements (no JupyterLab, no browser, no offline model:

@@ -15,7 +15,7 @@ import json
 import sys
 
 from qlora_lab import recipe, shapes, vram
-from qlora_lab.vram import GiB, Estimate, SetupError, estimate
+from qlora_lab.vram import Estimate, GiB, SetupError, estimate
 
 GPUS = {  # name -> usable memory in bytes (marketing GB as the driver reports it)
     "T4 16GB": 15 * GiB, "L4 24GB": 22.5 * GiB, "RTX 3090 24GB": 24 * GiB, "RTX 4090 24GB": 24 * GiB,
@@ -87,6 +87,45 @@ def closest_setups(target_gib: float, model: str, grid: dict, top: int = 3, **fi
         found.append((est.device_bytes / GiB, est))
     found.sort(key=lambda pair: abs(pair[0] - target_gib))
     return found[:top]
+
+
+# Published memory figures for QLoRA/LoRA fine-tunes, each as (claim, model, GiB, fixed settings): lab 01 finds the
+# settings behind each one (closest_setups) instead of calling any of them right or wrong without its assumptions.
+CLAIMS = [
+    ("7B QLoRA needs ~6 GB", "llama-2-7b", 6, dict(method="qlora")),
+    ("7B QLoRA needs ~18 GB", "llama-2-7b", 18, dict(method="qlora")),
+    ("7B QLoRA needs 16 GB+", "llama-2-7b", 16, dict(method="qlora")),
+    ("13B QLoRA fits on 24 GB", "llama-2-13b", 24, dict(method="qlora")),
+    ("65B QLoRA fits on 48 GB (the paper)", "llama-65b", 48, dict(method="qlora")),
+    ("7B LoRA needs ~16 GB", "llama-2-7b", 16, dict(method="lora")),
+    ("7B LoRA needs ~40 GB", "llama-2-7b", 40, dict(method="lora")),
+]
+CLAIM_GRIDS = {  # the settings searched: "full" for the lesson, "small" for the smoke profile
+    "full": {"batch": [1, 2, 4, 8, 16], "seq": [256, 512, 1024, 2048], "checkpointing": [True, False],
+             "optimizer": ["adamw_torch", "paged_adamw_8bit"], "r": [8, 16, 64], "targets": ["all-linear", ("q_proj", "v_proj")]},
+    "small": {"batch": [1, 4, 16], "seq": [512, 2048], "checkpointing": [True, False], "optimizer": ["paged_adamw_8bit"]},
+}
+
+
+def describe(setup) -> str:
+    """A setup's settings in a few words. Example: describe(Setup(batch=4)) -> "batch 4, seq 512, checkpointing on, ..." """
+    return (f"batch {setup.batch}, seq {setup.seq}, checkpointing {'on' if setup.checkpointing else 'off'}, "
+            f"{setup.optimizer}, r={setup.r}" + ("" if setup.targets == "all-linear" else " on q,v"))
+
+
+def reconcile(claims: list = CLAIMS, grid: dict | None = None, typical: dict | None = None, top: int = 2) -> list[dict]:
+    """For each claim: the `top` settings whose device total comes closest, and a typical run's device total.
+
+    Example: reconcile()[0] -> {"claim": "7B QLoRA needs ~6 GB", "matches": [(6.0, "batch 1, ...")], "typical_gib": 8.4}
+    """
+    grid = grid or CLAIM_GRIDS["full"]
+    typical = typical or dict(batch=4, seq=512, checkpointing=True, optimizer="paged_adamw_8bit", r=16)
+    rows = []
+    for claim, model, gib, fixed in claims:
+        matches = closest_setups(gib, model, grid, top=top, **fixed)
+        rows.append({"claim": claim, "gib": gib, "matches": [(got, describe(e.setup)) for got, e in matches],
+                     "typical_gib": estimate(model, **fixed, **typical).device_bytes / GiB})
+    return rows
 
 
 # --------------------------------------------------------------------------- CLI

@@ -250,13 +250,14 @@ def check_only_lora_trains(model, optimizer, step_fn, allow: tuple[str, ...] = A
     checks = [check_trainable_is_lora(roles), check_optimizer_holds_trainable(roles, optimizer)]  # 1, 2: static
     run = run_watched(roles, step_fn, second_step)
     if run.error is not None:
+        unmeasured = ("base unchanged", "LoRA moved", "no gradient on frozen", "4-bit gradient path")
         checks += [Check(name, False, "not measured: the step failed", [_explain_step_error(run.error)] * (i == 1))
-                   for i, name in enumerate(("base unchanged", "LoRA moved", "no gradient on frozen", "4-bit gradient path"))]
+                   for i, name in enumerate(unmeasured)]
     else:
         checks += [check_base_unchanged(roles, run), check_lora_moved(roles, optimizer, run, second_step),
                    check_no_gradient_on_frozen(roles, run), check_4bit_gradient_path(roles, run)]
-    return OnlyLoraReport(checks, roles.counts, roles.ratio, run.losses, run.steps, run.lora_stats if run.error is None else {},
-                          [note for c in checks for note in c.notes],
+    return OnlyLoraReport(checks, roles.counts, roles.ratio, run.losses, run.steps,
+                          run.lora_stats if run.error is None else {}, [note for c in checks for note in c.notes],
                           error=None if run.error is None else f"{type(run.error).__name__}: {run.error}".splitlines()[0])
 
 
@@ -278,7 +279,8 @@ class Roles:
         expected = set(adapters) | {n for n in params if n not in adapters and any(a in n for a in allow)}
         trainable = {n for n, (p, _) in params.items() if p.requires_grad}
         tensors = [p for p, _ in params.values()]
-        counts = {"total": sum(map(logical_numel, tensors)), "trainable": sum(logical_numel(params[n][0]) for n in trainable),
+        counts = {"total": sum(map(logical_numel, tensors)),
+                  "trainable": sum(logical_numel(params[n][0]) for n in trainable),
                   "lora": sum(params[n][0].numel() for n in adapters),
                   "quantized": sum(logical_numel(p) for p in tensors if getattr(p, "quant_state", None) is not None),
                   "naive_total": sum(p.numel() for p in tensors)}
@@ -424,7 +426,8 @@ def check_lora_moved(roles: Roles, optimizer, run: WatchedRun, second_step: bool
     in_opt = {n for n in watched if id(roles.params[n][0]) in groups}
     stats = run.lora_stats = _step1_stats(roles, groups, in_opt, run)
     stuck = [(n, reason) for n in watched if (reason := _why_stuck(n, in_opt, run, second_step))]
-    problems = [] if watched else ["no trainable LoRA adapter exists, so nothing can learn: the step ran and changed nothing."]
+    problems = [] if watched else ["no trainable LoRA adapter exists, so nothing can learn: "
+                                   "the step ran and changed nothing."]
     for reason in sorted({r for _, r in stuck}):
         names = [n for n, r in stuck if r == reason]
         problems.append(f"{len(names)} trainable tensor(s) did not move: {reason}: {_short(names)}.")

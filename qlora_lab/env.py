@@ -110,7 +110,6 @@ def missing_requirements(extras: tuple[str, ...] = ("dev",)) -> list[str]:
     """
     try:  # tomllib is Python >= 3.11; packaging comes with pip
         import tomllib
-
         from packaging.requirements import Requirement
         project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
     except (ImportError, OSError, KeyError):

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
+from tqdm.auto import tqdm
 
 from qlora_lab import lora, models, quant, recipe, vram
 
@@ -392,6 +393,66 @@ def measure_variants(setup, variants: dict[str, dict], steps: int = 3, timeline:
     del model, optimizer
     _release(torch.device("cuda"))
     return runs
+
+
+# Configurations lab 01 measures the calculator against: "gpu" (CUDA), "cpu" and "cpu-small" (this CPU, smoke).
+CALIBRATION = {
+    "gpu": [
+        dict(model="smollm2-135m", method="qlora", batch=8, seq=512, r=16),
+        dict(model="smollm2-135m", method="lora", batch=8, seq=1024, r=8, checkpointing=False),
+        dict(model="smollm2-360m", method="qlora", batch=4, seq=1024, r=64, checkpointing=False),
+        dict(model="qwen2.5-0.5b", method="qlora", batch=4, seq=512, r=16),
+        dict(model="llama-3.2-1b", method="qlora", batch=2, seq=2048, r=16, optimizer="paged_adamw_8bit"),
+        dict(model="llama-3.2-1b", method="lora", batch=4, seq=512, r=32, checkpointing=False),
+        dict(model="smollm2-1.7b", method="qlora", batch=8, seq=256, r=8, checkpointing=False, targets=("q_proj", "v_proj")),
+        dict(model="llama-2-7b", method="qlora", batch=4, seq=512, r=16),
+        dict(model="llama-2-7b", method="qlora", batch=1, seq=2048, r=64, checkpointing=False,
+             optimizer="paged_adamw_32bit"),
+        dict(model="mistral-7b", method="qlora", batch=2, seq=1024, r=16, optimizer="paged_adamw_8bit"),
+        dict(model="llama-3.1-8b", method="qlora", batch=1, seq=1024, r=16),
+        dict(model="llama-3.1-8b", method="lora", batch=2, seq=512, r=16),
+        dict(model="llama-2-7b", method="lora", batch=1, seq=2048, r=8),
+        dict(model="qwen2.5-7b", method="qlora", batch=2, seq=512, r=32, lora_dropout=0.05),
+        dict(model="llama-3.2-1b", method="qlora", batch=1, seq=1024, r=16, checkpointing=False, attn="eager"),
+        dict(model="llama-3.1-8b", method="qlora", batch=4, seq=2048, r=64),
+        dict(model="llama-2-7b", method="qlora", batch=8, seq=1024, r=16, optimizer="paged_adamw_8bit"),
+        dict(model="llama-3.1-8b", method="qlora", batch=2, seq=256, r=8, checkpointing=False, optimizer="adamw_8bit"),
+    ],
+    "cpu": [
+        dict(model="smollm2-135m", method="qlora", batch=2, seq=64, r=16),
+        dict(model="smollm2-135m", method="qlora", batch=2, seq=64, r=16, checkpointing=False),
+        dict(model="smollm2-135m", method="lora", batch=2, seq=64, r=8, checkpointing=False),
+        dict(model="smollm2-135m", method="qlora", batch=1, seq=128, r=64, targets=("q_proj", "v_proj"),
+             checkpointing=False),
+        dict(model="smollm2-135m", method="qlora", batch=2, seq=64, r=16, lora_dropout=0.1, checkpointing=False),
+        dict(model="smollm2-135m", method="qlora", batch=2, seq=64, r=16, attn="eager", checkpointing=False),
+        dict(model="smollm2-135m", method="full", base_dtype="bf16", batch=2, seq=64),
+        dict(model="smollm2-135m", method="qlora", batch=4, seq=128, r=16, optimizer="adamw_8bit"),
+    ],
+    "cpu-small": [dict(model="smollm2-135m", method="qlora", batch=1, seq=64, r=16),
+                  dict(model="smollm2-135m", method="lora", batch=1, seq=64, r=8, checkpointing=False)],
+}
+
+
+def compare_with_calculator(configs: list[dict], device: str, progress: bool = True) -> list[dict]:
+    """Measure each configuration (`measure`) and put the calculator's prediction beside it.
+
+    Returns one row per configuration: label, config, measured and predicted peak bytes,
+    error (predicted / measured - 1), both sides' phase peaks, and on CUDA the reserved,
+    device-level and paged bytes. Example: compare_with_calculator(CALIBRATION["cpu-small"], "cpu")[0]["error"] -> 0.001
+    """
+    rows = []
+    for config in tqdm(configs, desc=f"measuring on {device}", unit="config", disable=not progress):
+        result = measure(vram.Setup(**config), device=device)
+        predicted = vram.estimate(device=device, **config)
+        rows.append({"label": f"{config['model']} {config['method']} b{config['batch']}x{config['seq']}",
+                     "config": config, "measured": result.peak_allocated_bytes, "predicted": predicted.peak_allocated_bytes,
+                     "error": predicted.peak_allocated_bytes / result.peak_allocated_bytes - 1,
+                     "measured_phases": result.phase_peaks, "predicted_phases": predicted.phases,
+                     "reserved": result.peak_reserved_bytes, "device_used": result.device_used_bytes,
+                     "paged": result.paged_bytes, "predicted_paged": predicted.paged_bytes,
+                     "predicted_device": predicted.device_bytes, "memory_kind": result.memory_kind})
+    return rows
 
 
 def paged_state_bytes(optimizer) -> int:

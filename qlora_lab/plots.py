@@ -242,7 +242,8 @@ VRAM_TERM_COLORS = {"weights": "#4c72b0", "quant_constants": "#8172b2", "lora_pa
                     "logits": "#ccb974", "temporaries": "#937860", "cuda_workspace": "#8c8c8c"}
 
 
-def plot_vram_breakdown(estimates: dict, gpu_gib: dict | None = None, title: str = "Where the memory of a training step goes"):
+def plot_vram_breakdown(estimates: dict, gpu_gib: dict | None = None,
+                        title: str = "Where the memory of a training step goes"):
     """Stacked horizontal bars: one bar per labelled vram.Estimate, one segment per term (GiB).
 
     The legend lists every term that appears in any bar; gpu_gib draws vertical lines at GPU
@@ -500,12 +501,14 @@ def plot_finetune_curves(log_history: list[dict], before: dict | None = None, af
     eval_loss = [h["eval_loss"] for h in eval_logs]
     eval_acc = [100 * h.get("eval_accuracy", float("nan")) for h in eval_logs]
     if before is not None:
-        eval_steps, eval_loss, eval_acc = [0] + eval_steps, [before["loss"]] + eval_loss, [100 * before["accuracy"]] + eval_acc
+        eval_steps, eval_loss = [0] + eval_steps, [before["loss"]] + eval_loss
+        eval_acc = [100 * before["accuracy"]] + eval_acc
     ax_loss.plot(eval_steps, eval_loss, "o-", color="tab:orange", label="eval loss (periodic)")
     ax_acc.plot(eval_steps, eval_acc, "o-", color="tab:green", label="exact match (periodic eval)")
     if after is not None:
         ax_loss.plot([last], [after["loss"]], "s", color="black", label=f"final eval ({after['examples']} examples)")
-        ax_acc.plot([last], [100 * after["accuracy"]], "s", color="black", label=f"final eval ({after['examples']} examples)")
+        ax_acc.plot([last], [100 * after["accuracy"]], "s", color="black",
+                    label=f"final eval ({after['examples']} examples)")
     ax_loss.set_yscale("log")
     ax_loss.set_xlabel("optimizer step")
     ax_loss.set_ylabel("cross-entropy per answer token (nats, log scale)")

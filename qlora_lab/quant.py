@@ -24,7 +24,8 @@ differently, so `quantize` follows the rules of the device its input is on (or t
 you name, to see the other device's rounding on a CPU):
 
 - CPU (PyTorch kernel): values are scaled by 1/absmax (the last, partial block is divided by
-  absmax instead, and stores 1e-38 as its absmax when it is all zeros); the nearest level wins and an exact tie goes to the lower level; for FP4
+  absmax instead, and stores 1e-38 as its absmax when it is all zeros); the nearest level wins and
+  an exact tie goes to the lower level; for FP4
   a tiny positive value gets the code of -0 and a tiny negative one the code of +0 (the sort
   order of the two zeros). The 8-bit absmax code of double quantization goes through a
   65,536-entry lookup table, so a value within ~1.5e-5 of a midpoint can get the farther code.
@@ -41,23 +42,24 @@ you name, to see the other device's rounding on a CPU):
   the kernel's machine code, `cuobjdump -sass`: MUFU.RCP, FMUL.FTZ, FSETP.GT with these
   constants.)
 
+What the formats do to a model's weights (errors, code use, blocksizes) is measured in
+`formats`, on top of this module.
+
 Shortcuts: uint8 storage only (bitsandbytes also packs into other dtypes); inputs are fp32,
 bf16 or fp16; INT4 is this lab's symmetric baseline, not a bitsandbytes format (bitsandbytes
 has no INT4 storage), and uses the CPU rules on every device; code books are constants
 shared by all layers, so storage counts leave them out.
 """
 
-import copy
 import functools
-import math
 from dataclasses import dataclass
 from fractions import Fraction
 
-import bitsandbytes.functional as bnbf
 import torch
 
 from qlora_lab import recipe
 from qlora_lab.recipe import CODEBOOKS
+
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes accepts for 4-bit
 NESTED_BLOCKSIZE = 256  # blocksize of the second-level (8-bit) quantization of absmax
 # NF4's outermost quantile sits at probability 1 - delta, delta = (1/32 + 1/30) / 2 = 0.0322917 (the mean of
@@ -308,7 +310,7 @@ def _cuda_4bit_codes(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
     return torch.where(nan, torch.zeros_like(codes), codes)  # every `x > t` is false for NaN
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_thresholds(quant_type: str) -> tuple[float, ...]:
     """The CUDA tree's thresholds as fp32 values, converted once per format."""
     literals = CUDA_NF4_THRESHOLDS if quant_type == "nf4" else CUDA_FP4_THRESHOLDS
@@ -475,134 +477,3 @@ def model_storage(model) -> dict:
             stored += state.state2.absmax.numel() * state.state2.absmax.element_size() + state.offset.element_size()
     return {"params": params, "bytes": stored, "bits_per_param": 8 * stored / params if params else float("nan"),
             "layers": layers}
-
-
-# --------------------------------------------------------------------------- measuring
-
-
-def block_scaled(w: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
-    """w flattened and divided by its block's absmax: what the code book has to cover, in [-1, 1].
-
-    Example: block_scaled(torch.tensor([0.5, -2.0] * 32)).unique() -> tensor([-1.0000, 0.2500])
-    """
-    x = w.detach().reshape(-1).float()
-    blocks = -(-x.numel() // blocksize)
-    grid = torch.nn.functional.pad(x, (0, blocks * blocksize - x.numel())).view(blocks, blocksize)
-    absmax = grid.abs().amax(dim=1, keepdim=True).clamp(min=1e-38)
-    return (grid / absmax).reshape(-1)[: x.numel()]
-
-
-def distinct_per_block(w: torch.Tensor, blocksize: int = 32) -> torch.Tensor:
-    """(blocks,) how many distinct values each block of consecutive values holds.
-
-    A tensor that went through a 4-bit format with this blocksize has at most 16 per block.
-    Example: distinct_per_block(torch.tensor([1.0, 1.0, 2.0, 3.0]), 2) -> tensor([1, 2])
-    """
-    x = w.detach().reshape(-1)
-    x = x[: x.numel() // blocksize * blocksize].view(-1, blocksize).sort(dim=1).values
-    return 1 + (x.diff(dim=1) != 0).sum(dim=1)
-
-
-def error_stats(w: torch.Tensor, quant_type: str, blocksize: int = 64, double_quant: bool = False) -> dict:
-    """Quantize and dequantize w; return sums that add up across tensors (see summarize_errors).
-
-    Keys: n (values), sq_err and sq_w (sums of squared error and of squared weights, fp64),
-    max_abs (largest |error|), max_rel (largest |error| / its block's absmax), codes ((16,) use
-    count of each code), bytes (stored_bytes). Example: error_stats(w, "nf4")["sq_err"] / w.numel() -> MSE
-    """
-    packed, state = quantize(w, quant_type, blocksize, double_quant)
-    x = w.detach().reshape(-1).float()  # (n,)
-    err = (dequantize(packed, state).reshape(-1).float() - x).abs()  # (n,)
-    blocks = -(-x.numel() // blocksize)
-    pad = blocks * blocksize - x.numel()
-    absmax = torch.nn.functional.pad(x.abs(), (0, pad)).view(blocks, blocksize).amax(dim=1, keepdim=True)
-    rel = torch.nn.functional.pad(err, (0, pad)).view(blocks, blocksize) / absmax.clamp(min=1e-30)  # (blocks, blocksize)
-    codes = unpack(packed, x.numel()).long()
-    return {"n": x.numel(), "sq_err": err.double().pow(2).sum().item(), "sq_w": x.double().pow(2).sum().item(),
-            "max_abs": err.max().item(), "max_rel": rel.max().item(),
-            "codes": torch.bincount(codes, minlength=16).cpu(), "bytes": stored_bytes(packed, state)}
-
-
-def summarize_errors(stats: list[dict]) -> dict:
-    """Combine error_stats of several tensors: MSE, SQNR in dB, worst |error|, bits per parameter, code use.
-
-    SQNR = 10 log10(sum w^2 / sum error^2): how far the signal stands above the quantization noise.
-    Example: summarize_errors([error_stats(w, "nf4") for w in weights]) -> {"mse": 3.3e-4, "sqnr_db": 20.5, ...}
-    """
-    n = sum(s["n"] for s in stats)
-    sq_err, sq_w = sum(s["sq_err"] for s in stats), sum(s["sq_w"] for s in stats)
-    codes = sum(s["codes"] for s in stats)
-    return {"mse": sq_err / n, "sqnr_db": 10 * math.log10(sq_w / sq_err) if sq_err else float("inf"),
-            "max_abs": max(s["max_abs"] for s in stats), "max_rel": max(s["max_rel"] for s in stats),
-            "bits_per_param": 8 * sum(s["bytes"] for s in stats) / n, "code_share": (codes / codes.sum()).tolist(),
-            "n": n}
-
-
-def entropy_bits(shares) -> float:
-    """Shannon entropy of code use in bits: 4.0 when all 16 codes are used equally often.
-
-    Example: entropy_bits([1 / 16] * 16) -> 4.0
-    """
-    return -sum(p * math.log2(p) for p in shares if p > 0)
-
-
-# --------------------------------------------------------------------------- whole models
-
-
-def linear_weights(model, layers: list[int] | None = None) -> dict[str, torch.Tensor]:
-    """The nn.Linear weights inside the decoder layers (what QLoRA quantizes), by name.
-
-    layers picks decoder layers by index (None: all). Example: linear_weights(model, [0]) ->
-    {"model.layers.0.self_attn.q_proj": tensor(576, 576), ...}
-    """
-    out = {}
-    for name, module in model.named_modules():
-        if type(module) is torch.nn.Linear and ".layers." in name:
-            index = int(name.split(".layers.")[1].split(".")[0])
-            if layers is None or index in layers:
-                out[name] = module.weight
-    return out
-
-
-def layer_type(name: str) -> str:
-    """Short layer type of a module name. Example: layer_type("model.layers.3.mlp.down_proj") -> "down_proj" """
-    return name.rsplit(".", 1)[-1]
-
-
-@torch.no_grad()
-def quantize_dequantize_(model, quant_type: str, blocksize: int = 64, double_quant: bool = False) -> int:
-    """Replace every decoder nn.Linear weight by dequantize(quantize(weight)), in place; returns layers changed.
-
-    Simulates 4-bit storage of any code book (INT4 included) in a 16-bit model, so its eval
-    loss can be compared with bitsandbytes' NF4/FP4 models. Example: quantize_dequantize_(m, "int4") -> 210
-    """
-    weights = linear_weights(model)
-    for w in weights.values():
-        w.copy_(dequantize(*quantize(w, quant_type, blocksize, double_quant)))
-    return len(weights)
-
-
-def compare_with_bitsandbytes(w: torch.Tensor, quant_type: str, blocksize: int = 64,
-                              double_quant: bool = False) -> dict:
-    """Quantize w with this module and with bitsandbytes; report which parts are identical.
-
-    Example: compare_with_bitsandbytes(torch.randn(1000), "fp4") -> {"packed": True, "absmax": True,
-             "nested": True, "dequantized": True, "equal": True}
-    """
-    packed, state = quantize(w, quant_type, blocksize, double_quant)
-    ref_packed, ref_state = bnbf.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
-                                               compress_statistics=double_quant)
-    result = {"packed": torch.equal(packed, ref_packed), "absmax": torch.equal(state.absmax, ref_state.absmax),
-              "nested": True}
-    if double_quant:
-        result["nested"] = (torch.equal(state.absmax_scale, ref_state.state2.absmax)
-                            and torch.equal(state.offset, ref_state.offset)
-                            and torch.equal(state.absmax_code, ref_state.state2.code))
-    # bitsandbytes 0.50.2's AVX-512 CPU kernel looks absmax up per row and goes wrong when a row is not a
-    # whole number of blocks (e.g. 576 values, blocksize 128); asking for the flat shape avoids that path.
-    flat_state = copy.copy(ref_state)
-    flat_state.shape = torch.Size([w.numel()])
-    ref_values = bnbf.dequantize_4bit(ref_packed, flat_state).reshape(state.shape)
-    result["dequantized"] = torch.equal(dequantize(packed, state), ref_values)
-    result["equal"] = all(result.values())
-    return result

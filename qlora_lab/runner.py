@@ -37,8 +37,8 @@ import nbformat
 import torch
 from tqdm.auto import tqdm
 
-from qlora_lab import paths
-from qlora_lab.results import read_results
+from qlora_lab import env, paths
+from qlora_lab.results import read_results, record
 
 PROFILE_NAMES = ("smoke", "cpu", "gpu")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -70,6 +70,20 @@ def profile_settings(profiles: dict, profile: str = "auto", overrides: dict | No
     return SimpleNamespace(profile=profile, **settings)
 
 
+def start_lab(profiles: dict, profile: str = "auto", overrides: dict | None = None) -> tuple[SimpleNamespace, dict]:
+    """The first call of every lab: its settings under the profile in force, and the versions/device report.
+
+    Records `profile`, which the runner's summary and every lab test read back: a lab that
+    does not start here fails its test. Returns (settings, env.report()'s dict).
+    Example: P, info = start_lab(PROFILES, "smoke")  # P.profile -> "smoke"
+    """
+    settings = profile_settings(profiles, profile, overrides)
+    print(f"profile {settings.profile!r}:", ", ".join(f"{k}={v!r}" for k, v in vars(settings).items() if k != "profile"))
+    info = env.report()
+    record("profile", settings.profile)
+    return settings, info
+
+
 def find_notebooks(targets: list[str] | None = None) -> list[Path]:
     """The notebooks to run: the given paths (files or folders), or every labs/NN_*.ipynb."""
     found = []
@@ -97,7 +111,7 @@ def describe_error(err) -> dict:
 def run_notebook(notebook: Path, profile: str, out_dir: Path, overrides: dict | None = None,
                  progress: bool = True, cell_timeout: int | None = None) -> dict:
     """Execute one notebook under a profile; return its summary entry (never raises on cell errors)."""
-    import papermill  # about a second to import: only the runner itself needs it, not every notebook that imports this module
+    import papermill  # a second to import: only the runner needs it, not each notebook that imports this module
 
     notebook = Path(notebook).resolve()
     out_dir = Path(out_dir)

@@ -106,7 +106,8 @@ def of(model) -> Arch:
                     head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
                     name=getattr(config, "name_or_path", "") or type(config).__name__)
     except AttributeError as err:
-        raise ValueError(f"{type(config).__name__} is not a decoder-only transformer config this lab knows ({err})") from None
+        raise ValueError(f"{type(config).__name__} is not a decoder-only transformer config "
+                         f"this lab knows ({err})") from None
 
 
 def linears(arch) -> dict[str, tuple[int, int]]:

@@ -181,7 +181,8 @@ def run_sweep(points: list[SweepPoint], settings: SweepSettings, cache_dir: str 
     sweep trains nothing, adding points trains only those, changing a shared setting trains
     everything again, and an interrupted sweep restarts at its first unfinished point.
     A result's "cached" says whether this call loaded it or trained it.
-    Example: run_sweep(grid([4, 16]), SweepSettings(), paths.cache_dir() / "sweeps")["r=4,alpha=16,rslora=False"]["eval_loss"]
+    Example: run_sweep(grid([4, 16]), SweepSettings(), paths.cache_dir() / "sweeps")["r=4,alpha=16,rslora=False"]
+             -> {"eval_loss": 0.21, "cached": False, ...}
     """
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)

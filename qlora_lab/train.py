@@ -82,7 +82,10 @@ def evaluate(model, tokenizer, rows, batch_size: int = 16, progress: bool = Fals
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, rows, max_new_tokens: int = 48, batch_size: int = 16) -> list[str]:
-    """Greedy answers for rows, batched with left padding. Example: generate_answers(m, tok, rows[:2]) -> ['{"name": ...}', ...]"""
+    """Greedy answers for rows, batched with left padding.
+
+    Example: generate_answers(m, tok, rows[:2]) -> ['{"name": ...}', ...]
+    """
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"  # generation appends on the right, so pad on the left
@@ -309,7 +312,8 @@ def finetune(model, tokenizer, train_rows, eval_rows, config: TrainConfig, outpu
     the data order all come back, so the result equals an uninterrupted run. A finished
     run's folder is cleared and trained again (this is a measurement, not a cache); so is
     any folder when resume=False. Use one output_dir per configuration (see TrainConfig.key).
-    Example: finetune(model, tok, task["train"], task["eval"].select(range(100)), TrainConfig(steps=60), "runs/x").evals()[-1]
+    Example: finetune(model, tok, task["train"], task["eval"].select(range(100)), TrainConfig(steps=60), "runs/x")
+             .evals()[-1] -> {"step": 60, "eval_loss": 0.05, "eval_accuracy": 0.78, ...}
     """
     output_dir = Path(output_dir)
     checkpoint, step = last_checkpoint(output_dir)

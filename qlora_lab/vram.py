@@ -42,7 +42,7 @@ ALLOC_ROUND = 512  # PyTorch's CUDA caching allocator rounds every tensor up to 
 PAGED_MIN_NUMEL = 100_000  # bitsandbytes pages only state tensors of at least 1e5 elements
 BNB_8BIT_MIN_NUMEL = 4096  # bitsandbytes keeps 32-bit state for tensors smaller than this
 CUBLAS_WORKSPACE = 32 * 2**20  # cuBLAS workspace PyTorch allocates per stream on Hopper-class GPUs (CUDA only)
-CUDA_CONTEXT = 750 * 2**20  # CUDA context + kernels of torch/cuBLAS/bitsandbytes: device use minus reserved, H100 (tests/data)
+CUDA_CONTEXT = 750 * 2**20  # CUDA context + kernels of torch/cuBLAS/bitsandbytes: device minus reserved, H100
 ALLOCATOR_SLACK = 0.15  # reserved / allocated - 1 at the peak: 7-32 % measured on an H100; 15 % assumed
 
 
@@ -57,7 +57,7 @@ class Setup:
     model: str = "llama-2-7b"  # preset shape (shapes.ARCHITECTURES), or a checkpoint dir / hub id
     method: str = "qlora"  # "full" (all weights train), "lora" (16-bit base + adapters), "qlora" (k-bit base + adapters)
     quant: str = "nf4"  # qlora base storage: "nf4" | "fp4" | "int8"
-    base_dtype: str | None = None  # storage of the weights for full/lora: "fp32" | "bf16" | "fp16" (None: full fp32, lora bf16)
+    base_dtype: str | None = None  # full/lora weights: "fp32" | "bf16" | "fp16" (None: full fp32, lora bf16)
     compute_dtype: str = "bf16"  # dtype k-bit layers compute in (and unquantized parts are loaded in)
     double_quant: bool = True  # quantize the absmax scales again (QLoRA's double quantization)
     blocksize: int = 64  # weights per absmax scale (bitsandbytes 4-bit)

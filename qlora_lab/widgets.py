@@ -12,7 +12,8 @@ from IPython.display import clear_output, display
 
 from qlora_lab import budget, plots, recipe, shapes, vram
 
-TARGET_CHOICES = {"all-linear": "all-linear", "q,v": ("q_proj", "v_proj"), "q,k,v,o": ("q_proj", "k_proj", "v_proj", "o_proj"),
+TARGET_CHOICES = {"all-linear": "all-linear", "q,v": ("q_proj", "v_proj"),
+                  "q,k,v,o": ("q_proj", "k_proj", "v_proj", "o_proj"),
                   "mlp (gate,up,down)": ("gate_proj", "up_proj", "down_proj")}
 
 

@@ -121,7 +121,8 @@ STATE = """path => {
       if (o.type === 'error') errors.push(`cell ${i}: ${o.toJSON().ename}: ${o.toJSON().evalue}`); } });
   return {status: kernel ? kernel.status : 'none', done: cells.filter(c => c.model.executionCount !== null).length,
           total: cells.length, running: panel.content.widgets.filter(c => c.model.type === 'code' &&
-          c.node.querySelector('.jp-InputArea-prompt') && c.node.querySelector('.jp-InputArea-prompt').textContent.includes('*')).length,
+          c.node.querySelector('.jp-InputArea-prompt')
+          && c.node.querySelector('.jp-InputArea-prompt').textContent.includes('*')).length,
           errors};
 }"""
 

@@ -25,5 +25,6 @@ def test_lab06_gpu(gpu_lab):
     assert r["paper_runs"] >= 4 and r["paper_max_abs_error"] <= 0.10
     for key in ("65b", "2_70b", "33b"):
         assert abs(r[f"paper_{key}_bits_per_param"] - 4.127) < 0.01
-        assert r[f"paper_{key}_peak_allocated_bytes"] > 0 and isinstance(r[f"paper_{key}_fits_{48 if key != '33b' else 24}gb"], bool)
+        assert r[f"paper_{key}_peak_allocated_bytes"] > 0
+        assert isinstance(r[f"paper_{key}_fits_{48 if key != '33b' else 24}gb"], bool)
     assert isinstance(r["paper_65b_trains_in_48gib_cap"], bool)

@@ -30,7 +30,8 @@ def test_parameter_count_by_hand_and_bad_targets():
         shapes.lora_parameter_count("smollm2-135m", 8, ["qkv_proj"])
     r_qv = lora.equal_budget_rank("smollm2-135m", 4, ["q_proj", "v_proj"])
     budget = shapes.lora_parameter_count("smollm2-135m", 4)
-    gaps = [abs(shapes.lora_parameter_count("smollm2-135m", r, ["q_proj", "v_proj"]) - budget) for r in (r_qv - 1, r_qv, r_qv + 1)]
+    gaps = [abs(shapes.lora_parameter_count("smollm2-135m", r, ["q_proj", "v_proj"]) - budget)
+            for r in (r_qv - 1, r_qv, r_qv + 1)]
     assert gaps[1] == min(gaps)
 
 
@@ -145,7 +146,8 @@ def test_sweep_points_are_reproducible_and_independent_of_order(tiny_sweep):
     """A cached result is what training the point again on a freshly loaded base gives, whichever
     points trained before it on the shared base (same seed, same data order, base left unchanged)."""
     settings, cache, _ = tiny_sweep
-    points = [sweep.SweepPoint(2, 16), sweep.SweepPoint(4, 8, rslora=True), sweep.SweepPoint(3, 6, targets=("q_proj", "v_proj"))]
+    points = [sweep.SweepPoint(2, 16), sweep.SweepPoint(4, 8, rslora=True),
+              sweep.SweepPoint(3, 6, targets=("q_proj", "v_proj"))]
     swept = sweep.run_sweep(points, settings, cache, progress=False)
     for point in points[1:]:
         fresh = sweep.run_point(point, settings)  # its own fresh base

@@ -13,7 +13,7 @@ import bitsandbytes.functional as bnbf
 import pytest
 import torch
 
-from qlora_lab import models, quant, recipe, shapes
+from qlora_lab import formats, models, quant, recipe, shapes
 
 CUDA = torch.device("cuda")
 SHAPES = [(1,), (64,), (7, 9), (33, 100), (256, 65), (192, 576)]  # odd sizes and numel % blocksize != 0
@@ -190,7 +190,7 @@ def test_bitsandbytes_cpu_dequantize_row_bug_is_theirs():
 
 def test_compare_with_bitsandbytes_reports_each_part():
     w = torch.randn(70, 64)
-    assert quant.compare_with_bitsandbytes(w, "nf4", 64, True) == {
+    assert formats.compare_with_bitsandbytes(w, "nf4", 64, True) == {
         "packed": True, "absmax": True, "nested": True, "dequantized": True, "equal": True}
 
 
@@ -215,7 +215,8 @@ def test_fp32_from_decimal_rounds_once():
         got = torch.tensor(quant.fp32_from_decimal(literal))
         up, down = torch.nextafter(got, torch.tensor(9.0)), torch.nextafter(got, torch.tensor(-9.0))
         error = abs(Fraction(got.item()) - Fraction(literal))
-        assert error <= abs(Fraction(up.item()) - Fraction(literal)) and error <= abs(Fraction(down.item()) - Fraction(literal))
+        assert error <= abs(Fraction(up.item()) - Fraction(literal))
+        assert error <= abs(Fraction(down.item()) - Fraction(literal))
 
 
 def test_cuda_nf4_thresholds_are_midpoints_but_at_exact_ties():
@@ -276,7 +277,7 @@ def test_bits_per_parameter_match_the_paper():
 def test_model_storage_counts_the_stored_tensors(tiny_shape, double_quant):
     model = models.build_random_model(tiny_shape, quant="nf4", double_quant=double_quant)
     storage = quant.model_storage(model)
-    shapes = [w.shape for w in quant.linear_weights(models.build_random_model(tiny_shape, quant=None)).values()]
+    shapes = [w.shape for w in formats.linear_weights(models.build_random_model(tiny_shape, quant=None)).values()]
     assert storage["layers"] == len(shapes) == 14
     assert storage["params"] == sum(s.numel() for s in shapes)
     assert storage["bytes"] == sum(quant.layout_bytes(s.numel(), 64, double_quant) for s in shapes)
@@ -288,8 +289,8 @@ def test_model_storage_counts_the_stored_tensors(tiny_shape, double_quant):
 def test_quantize_dequantize_model_matches_bitsandbytes_dequantized_weights(tiny_shape):
     bf16, _ = models.load_model(f"random:{tiny_shape}", quant=None, device="cpu")
     nf4, _ = models.load_model(f"random:{tiny_shape}", quant="nf4", double_quant=True, device="cpu")
-    assert quant.quantize_dequantize_(bf16, "nf4", 64, double_quant=True) == 14
-    for name, w in quant.linear_weights(bf16).items():
+    assert formats.quantize_dequantize_(bf16, "nf4", 64, double_quant=True) == 14
+    for name, w in formats.linear_weights(bf16).items():
         layer = nf4.get_submodule(name)
         assert torch.equal(w, bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(w.dtype))
 
@@ -371,8 +372,8 @@ def test_unpack_reads_high_nibble_first():
 
 def test_error_stats_add_up_to_the_direct_computation():
     w = torch.randn(100, 96, generator=torch.Generator().manual_seed(3))
-    parts = [quant.error_stats(w[:40], "fp4"), quant.error_stats(w[40:], "fp4")]
-    summary = quant.summarize_errors(parts)
+    parts = [formats.error_stats(w[:40], "fp4"), formats.error_stats(w[40:], "fp4")]
+    summary = formats.summarize_errors(parts)
     direct = torch.cat([quant.dequantize(*quant.quantize(w[:40], "fp4")), quant.dequantize(*quant.quantize(w[40:], "fp4"))])
     assert abs(summary["mse"] - (direct - w).pow(2).mean().item()) < 1e-9
     assert abs(summary["sqnr_db"] - 10 * math.log10(w.pow(2).sum().item() / (direct - w).pow(2).sum().item())) < 1e-6
@@ -386,11 +387,11 @@ def test_distinct_per_block_sees_a_4bit_grid():
     gen = torch.Generator().manual_seed(0)
     ints = torch.randint(0, 16, (64, 32), generator=gen).float()
     q4_1_like = ints * torch.rand(64, 1, generator=gen) + torch.randn(64, 1, generator=gen)  # scale * q + min per 32
-    assert quant.distinct_per_block(q4_1_like, 32).max() <= 16
-    assert quant.distinct_per_block(torch.randn(64 * 32, generator=gen), 32).min() == 32
+    assert formats.distinct_per_block(q4_1_like, 32).max() <= 16
+    assert formats.distinct_per_block(torch.randn(64 * 32, generator=gen), 32).min() == 32
 
 
 def test_block_scaled_and_entropy():
-    scaled = quant.block_scaled(torch.randn(10, 64) * 5)
+    scaled = formats.block_scaled(torch.randn(10, 64) * 5)
     assert scaled.abs().max() == 1 and (scaled.view(10, 64).abs().amax(1) == 1).all()
-    assert quant.entropy_bits([1 / 16] * 16) == 4.0 and quant.entropy_bits([1.0] + [0.0] * 15) == 0.0
+    assert formats.entropy_bits([1 / 16] * 16) == 4.0 and formats.entropy_bits([1.0] + [0.0] * 15) == 0.0

@@ -185,7 +185,8 @@ def test_wrong_fields():
 
 
 def test_config_key_and_optimizer_choice():
-    assert train.config_key({"a": 1, "b": [2]}) == train.config_key({"b": [2], "a": 1}) != train.config_key({"a": 2, "b": [2]})
+    same, reordered = train.config_key({"a": 1, "b": [2]}), train.config_key({"b": [2], "a": 1})
+    assert same == reordered != train.config_key({"a": 2, "b": [2]})
     assert train.TrainConfig(lr=1e-3).key() != train.TrainConfig().key()
     assert train.resolve_optimizer("auto", "cpu") == "adamw_torch"
     assert train.resolve_optimizer("auto", "cuda") == "paged_adamw_8bit"

@@ -102,7 +102,8 @@ def test_checkpointing_and_size_move_the_peak_the_right_way():
     methods = [vram.estimate(**{**base, "method": m}).peak_allocated_bytes for m in ("qlora", "lora", "full")]
     assert methods == sorted(methods)
     paged = vram.estimate(**base, optimizer="paged_adamw_8bit", r=64)
-    assert paged.paged_bytes > 0 and paged.device_bytes == paged.peak_allocated_bytes + paged.paged_bytes + paged.overhead_bytes
+    assert paged.paged_bytes > 0
+    assert paged.device_bytes == paged.peak_allocated_bytes + paged.paged_bytes + paged.overhead_bytes
 
 
 def test_solvers_find_the_boundary():

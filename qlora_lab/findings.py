@@ -1,0 +1,240 @@
+"""The labs' conclusions, built from a run's numbers: each function returns the facts and a sentence.
+
+A conclusion typed into a notebook can contradict the numbers above it. Here every sentence
+is chosen by the numbers it states, and `tests/test_findings.py` feeds each function inputs
+on both sides of its finding, so the words flip when the measurement does. Differences
+smaller than `TIE` (relative, one seed, short runs) are called a tie, not a win.
+
+Some findings hold only for trained weights (which format fits real weights best, which rank
+or target set learns better, accuracy): they carry `needs_trained_weights=True`, and
+`show` prints them only for a real model; on random weights it prints what the run can and
+cannot show instead.
+
+Shortcut: the tie threshold is a fixed rule of thumb, not an interval from repeated runs.
+"""
+
+from dataclasses import dataclass, field
+
+TIE = 0.02  # relative difference below which two single-seed results are called a tie
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One conclusion of a lab run."""
+
+    sentence: str  # the conclusion in words, chosen by the facts
+    facts: dict = field(default_factory=dict)  # the numbers it rests on
+    needs_trained_weights: bool = False  # true only of a pretrained or fine-tuned model, not of random weights
+
+    def __str__(self) -> str:
+        return self.sentence
+
+
+RANDOM_WEIGHTS_BANNER = (
+    "RANDOM WEIGHTS: this run measures memory, speed, mechanics and bit-exactness. It cannot show "
+    "how well a format fits trained weights, quality or accuracy, or which rank or target set learns "
+    "better; {n} such finding(s) are withheld. Run with the real model (the cpu profile, or online) to see them.")
+
+
+def show(findings: list[Finding], trained_weights: bool) -> list[Finding]:
+    """Print each finding as a bullet; withhold the weight-dependent ones on random weights (with a banner).
+
+    Returns the findings that were printed. Example: show([Finding("NF4 wins", needs_trained_weights=True)], False) -> []
+    """
+    shown = [f for f in findings if trained_weights or not f.needs_trained_weights]
+    if len(shown) < len(findings):
+        print(RANDOM_WEIGHTS_BANNER.format(n=len(findings) - len(shown)))
+    for f in shown:
+        print("-", f.sentence)
+    return shown
+
+
+def _rel(a: float, b: float) -> float:
+    """Relative difference of a against b."""
+    return a / b - 1 if b else float("inf")
+
+
+def _compare(a: float, b: float, lower_is_better: bool = True) -> str:
+    """"better", "worse" or "tie" for a against b."""
+    if abs(_rel(a, b)) < TIE:
+        return "tie"
+    return "better" if (a < b) == lower_is_better else "worse"
+
+
+# --------------------------------------------------------------------------- lab 02: formats
+
+
+def mse_ranking(mse: dict[str, float], n_weights: int) -> Finding:
+    """Which 4-bit format has the lowest error on the studied weights.
+
+    Example: mse_ranking({"nf4": 3.4e-4, "fp4": 6.1e-4, "int4": 5.0e-4}, 10**6).sentence
+             -> "Over 1,000,000 weights the MSE ranks NF4 < INT4 < FP4: NF4 has the lowest error, 1.81x lower than FP4."
+    """
+    order = sorted(mse, key=mse.get)
+    best, worst = order[0], order[-1]
+    return Finding(f"Over {n_weights:,} weights the MSE ranks {' < '.join(f.upper() for f in order)}: {best.upper()} has "
+                   f"the lowest error, {mse[worst] / mse[best]:.2f}x lower than {worst.upper()}.",
+                   {"ranking": order, "mse": dict(mse)}, needs_trained_weights=True)
+
+
+def wins_by_layer(mse_by_type: dict[str, dict[str, float]], fmt: str = "nf4") -> Finding:
+    """In how many layer types one format beats each other format.
+
+    mse_by_type: {format: {layer type: MSE}}.
+    Example: wins_by_layer({"nf4": {"q": 1, "k": 3}, "fp4": {"q": 2, "k": 2}}).sentence -> "NF4 beats FP4 in 1 of 2 layer types."
+    """
+    types = list(mse_by_type[fmt])
+    wins = {other: sum(mse_by_type[fmt][t] < mse_by_type[other][t] for t in types) for other in mse_by_type if other != fmt}
+    return Finding(f"{fmt.upper()} beats " + " and ".join(f"{o.upper()} in {w} of {len(types)}" for o, w in wins.items())
+                   + " layer types.", {"wins": wins, "layer_types": len(types)}, needs_trained_weights=True)
+
+
+def best_by_blocksize(mse_by_blocksize: dict[str, dict[int, float]]) -> Finding:
+    """Which format has the lowest error at each blocksize.
+
+    Example: best_by_blocksize({"nf4": {64: 1, 256: 3}, "fp4": {64: 2, 256: 2}}).sentence
+             -> "Lowest MSE by blocksize: 64: NF4, 256: FP4."
+    """
+    blocksizes = sorted(next(iter(mse_by_blocksize.values())))
+    best = {b: min(mse_by_blocksize, key=lambda f: mse_by_blocksize[f][b]) for b in blocksizes}
+    winners = set(best.values())
+    head = (f"{next(iter(winners)).upper()} has the lowest MSE at every blocksize ({', '.join(map(str, blocksizes))})"
+            if len(winners) == 1 else "Lowest MSE by blocksize: " + ", ".join(f"{b}: {f.upper()}" for b, f in best.items()))
+    return Finding(head + ".", {"best": best}, needs_trained_weights=True)
+
+
+def eval_loss_ranking(losses: dict[str, float], mse_order: list[str], baseline: str = "bf16") -> Finding:
+    """Which format costs the model least eval loss, and whether that agrees with the weight MSE ranking.
+
+    Example: eval_loss_ranking({"bf16": 1.54, "nf4": 1.74, "fp4": 1.88}, ["nf4", "fp4"]).sentence -> "Closest to bf16: NF4 ..."
+    """
+    formats = sorted((k for k in losses if k != baseline), key=losses.get)
+    closest = min(formats, key=lambda k: abs(losses[k] - losses[baseline]))
+    agree = formats == [f for f in mse_order if f in formats]
+    tail = (f"the eval loss ranks the formats as the weight MSE did ({' < '.join(f.upper() for f in formats)})." if agree else
+            f"the eval loss ranks {' < '.join(f.upper() for f in formats)}, the weight MSE "
+            f"{' < '.join(f.upper() for f in mse_order if f in formats)}: the average weight error does not fully "
+            f"predict what the model loses.")
+    return Finding(f"Closest to {baseline}: {closest.upper()} ({losses[closest] - losses[baseline]:+.4f} nats); " + tail,
+                   {"closest": closest, "ranking": formats, "agrees_with_mse": agree}, needs_trained_weights=True)
+
+
+# --------------------------------------------------------------------------- lab 03: r and alpha
+
+
+def fixed_alpha_rank(eval_loss: dict[int, float], alpha: float) -> Finding:
+    """With alpha fixed, raising r shrinks the scale alpha/r: did the largest rank learn slowest?
+
+    Example: fixed_alpha_rank({1: 0.07, 64: 0.08}, 16).facts["largest_rank_slowest"] -> True
+    """
+    lo, hi = min(eval_loss), max(eval_loss)
+    best = min(eval_loss, key=eval_loss.get)
+    slowest = max(eval_loss.values())
+    verdict = ("a tie within the noise of one short run" if _compare(eval_loss[hi], eval_loss[lo]) == "tie" else
+               "and the largest rank learned slowest" if eval_loss[hi] == slowest else
+               "yet the largest rank was not the slowest here")
+    return Finding(f"With alpha fixed at {alpha:g}, the best rank was r={best} (eval loss {eval_loss[best]:.3f}); r={hi} "
+                   f"ended at {eval_loss[hi]:.3f} vs r={lo} at {eval_loss[lo]:.3f}: raising r with alpha fixed shrinks the "
+                   f"update scale alpha/r ({alpha / lo:.3g} -> {alpha / hi:.3g}), {verdict}.",
+                   {"best_r": best, "largest_rank_slowest": eval_loss[hi] == slowest}, needs_trained_weights=True)
+
+
+def scale_stability(spread: dict[str, float], rslora: str, fixed: str) -> Finding:
+    """Does rsLoRA's alpha/sqrt(r) keep the update size more stable across r than a fixed alpha?
+
+    spread: {rule label: largest / smallest final ||delta W|| across r}.
+    Example: scale_stability({"rs": 1.3, "fixed": 5.7}, "rs", "fixed").facts["rslora_more_stable"] -> True
+    """
+    stable = spread[rslora] < spread[fixed]
+    return Finding(f"Final ||delta W|| varied {spread[rslora]:.1f}x across r with rsLoRA vs {spread[fixed]:.1f}x with fixed "
+                   f"alpha: " + ("rsLoRA keeps the update size more stable as r changes." if stable
+                                 else "in this run rsLoRA did NOT stabilise it more."),
+                   {"rslora_more_stable": stable, "spread": dict(spread)})
+
+
+def update_directions(effective_rank: int, r: int) -> Finding:
+    """How many of its r directions a learned update uses (90 % of ||delta W||^2), in words that fit the count.
+
+    Example: update_directions(6, 8).sentence -> "... uses most of its directions: at r=8 the median layer needs 6 ..."
+    """
+    share = effective_rank / r
+    words = "few of its directions" if share <= 0.25 else "about half of its directions" if share <= 0.6 else \
+        "most of its directions"
+    return Finding(f"The learned update uses {words}: at r={r} the median layer needs {effective_rank} singular values "
+                   f"for 90 % of its ||delta W||^2.", {"effective_rank": effective_rank, "r": r, "share": share},
+                   needs_trained_weights=True)
+
+
+def targets_at_equal_budget(all_linear: tuple[int, int, float], qv: tuple[int, int, float]) -> Finding:
+    """All linear layers at a small rank against q,v at a larger one, same parameter budget: (r, params, eval loss) each.
+
+    Example: targets_at_equal_budget((4, 1221120, 0.146), (21, 1209600, 0.158)).facts["verdict"] -> "better"
+    """
+    verdict = _compare(all_linear[2], qv[2])
+    words = {"better": "adapting all linear layers was better, as the QLoRA paper found.",
+             "worse": "q,v only was better in this short run, unlike the QLoRA paper's finding.",
+             "tie": f"a tie (within {TIE:.0%}, one seed): this run does not separate them."}[verdict]
+    return Finding(f"At the same budget ({all_linear[1]:,} vs {qv[1]:,} parameters), all-linear r={all_linear[0]} reached "
+                   f"eval loss {all_linear[2]:.3f} and q,v r={qv[0]} {qv[2]:.3f}: {words}",
+                   {"verdict": verdict}, needs_trained_weights=True)
+
+
+# --------------------------------------------------------------------------- lab 05: QLoRA vs LoRA
+
+
+def qlora_vs_lora_speed(qlora_s: float, lora_s: float, device: str, launch_bound: bool) -> Finding:
+    """Step time of QLoRA against 16-bit LoRA, with the usual claim beside it.
+
+    Example: qlora_vs_lora_speed(3.40, 3.36, "CPU", False).sentence -> "... QLoRA is 1 % slower ... a tie ..."
+    """
+    change = _rel(qlora_s, lora_s)
+    verdict = _compare(qlora_s, lora_s)
+    words = "a tie" if verdict == "tie" else f"{abs(change):.0%} {'slower' if change > 0 else 'faster'}"
+    note = (" These steps are launch-bound (a small model): the timing says little about large models." if launch_bound else "")
+    return Finding(f"Step time on {device}: QLoRA {qlora_s:.2f} s vs LoRA {lora_s:.2f} s -> QLoRA is {words} "
+                   f"(a popular claim: 20-30 % slower).{note}", {"relative": change, "verdict": verdict})
+
+
+def qlora_vs_lora_memory(qlora_bytes: float, lora_bytes: float, memory_kind: str) -> Finding:
+    """Peak memory of QLoRA against 16-bit LoRA. Example: qlora_vs_lora_memory(2.45e9, 3.99e9, "RSS").facts["saved"] -> 0.386"""
+    saved = 1 - qlora_bytes / lora_bytes
+    return Finding(f"Peak memory ({memory_kind}): QLoRA {qlora_bytes / 2**20:,.0f} MiB vs LoRA {lora_bytes / 2**20:,.0f} MiB "
+                   f"-> {abs(saved):.0%} {'less' if saved > 0 else 'more'}.", {"saved": saved})
+
+
+def qlora_vs_lora_accuracy(qlora_acc: float, lora_acc: float, n: int) -> Finding:
+    """Exact match of QLoRA against 16-bit LoRA on n items; a gap within one standard error of the difference is a tie.
+
+    Example: qlora_vs_lora_accuracy(0.805, 0.855, 200).facts["verdict"] -> "tie"
+    """
+    points = 100 * (qlora_acc - lora_acc)
+    se = 100 * ((qlora_acc * (1 - qlora_acc) + lora_acc * (1 - lora_acc)) / n) ** 0.5  # unpaired, as an upper bound
+    verdict = "tie" if abs(points) <= 2 * se else ("better" if points > 0 else "worse")
+    words = (f"a tie within the noise (difference {points:+.1f} points, about +/-{2 * se:.1f} at 95 % on {n} items)"
+             if verdict == "tie" else f"{abs(points):.1f} points {verdict} (beyond +/-{2 * se:.1f} at 95 % on {n} items)")
+    return Finding(f"Exact match: QLoRA {100 * qlora_acc:.1f} % vs LoRA {100 * lora_acc:.1f} % -> {words} "
+                   f"(a common claim: 1-2 points worse, or on par).", {"points": points, "verdict": verdict},
+                   needs_trained_weights=True)
+
+
+# --------------------------------------------------------------------------- lab 06: paper scale
+
+
+def paper_verdict(name: str, target_gib: float, predicted, measured=None) -> Finding:
+    """Does a shape fine-tune in the paper's memory, by the tier that decides (see budget.verdict)?
+
+    predicted: a vram.Estimate; measured: a measure.Measurement or None.
+    Example: paper_verdict("llama-65b", 48, est).sentence -> "llama-65b: predicted ... -> fits 48 GiB (by the calculator ...)"
+    """
+    gib = 2**30
+    line = f"{name}: predicted {predicted.peak_allocated_bytes / gib:.1f} GiB allocated + {predicted.paged_bytes / gib:.1f} paged"
+    if measured is None:
+        fits = predicted.peak_allocated_bytes + predicted.paged_bytes <= target_gib * gib
+        return Finding(line + f" -> {'fits' if fits else 'does not fit'} {target_gib} GiB with the paged state counted "
+                       f"(by the calculator, not measured here)", {"fits": fits, "measured": False})
+    allocated, paged, device = measured.peak_allocated_bytes, measured.paged_bytes, measured.device_used_bytes
+    tensors = allocated + paged <= target_gib * gib
+    return Finding(line + f"; measured {allocated / gib:.1f} GiB allocated + {paged / gib:.1f} GiB paged = "
+                   f"{(allocated + paged) / gib:.1f} GiB of tensors -> {'fits' if tensors else 'does NOT fit'} {target_gib} "
+                   f"GiB at batch 1 (the CUDA context and allocator cache add more: {device / gib:.1f} GiB were in use on "
+                   f"this device)", {"fits": tensors, "measured": True})

@@ -1,0 +1,89 @@
+"""qlora_lab.findings: every conclusion flips its words when the numbers flip, and ties are called ties."""
+
+from types import SimpleNamespace
+
+from qlora_lab import findings
+
+
+def test_mse_ranking_names_the_measured_winner():
+    nf4 = findings.mse_ranking({"nf4": 1.0, "fp4": 2.0, "int4": 1.5}, 100)
+    fp4 = findings.mse_ranking({"nf4": 2.0, "fp4": 1.0, "int4": 1.5}, 100)
+    assert nf4.facts["ranking"] == ["nf4", "int4", "fp4"] and "NF4 has the lowest error, 2.00x lower than FP4" in nf4.sentence
+    assert fp4.facts["ranking"][0] == "fp4" and "FP4 has the lowest error" in fp4.sentence
+    assert nf4.needs_trained_weights
+
+
+def test_wins_by_layer_counts():
+    f = findings.wins_by_layer({"nf4": {"q": 1, "k": 3}, "fp4": {"q": 2, "k": 2}, "int4": {"q": 0.5, "k": 4}})
+    assert f.facts["wins"] == {"fp4": 1, "int4": 1} and f.sentence == "NF4 beats FP4 in 1 of 2 and INT4 in 1 of 2 layer types."
+
+
+def test_best_by_blocksize_says_every_or_lists():
+    every = findings.best_by_blocksize({"nf4": {64: 1, 256: 1}, "fp4": {64: 2, 256: 2}})
+    mixed = findings.best_by_blocksize({"nf4": {64: 1, 256: 3}, "fp4": {64: 2, 256: 2}})
+    assert every.sentence.startswith("NF4 has the lowest MSE at every blocksize")
+    assert mixed.sentence == "Lowest MSE by blocksize: 64: NF4, 256: FP4." and mixed.facts["best"] == {64: "nf4", 256: "fp4"}
+
+
+def test_eval_loss_ranking_agrees_or_not():
+    agree = findings.eval_loss_ranking({"bf16": 1.5, "nf4": 1.6, "fp4": 1.8}, ["nf4", "fp4"])
+    disagree = findings.eval_loss_ranking({"bf16": 1.5, "nf4": 1.9, "fp4": 1.8}, ["nf4", "fp4"])
+    assert agree.facts["agrees_with_mse"] and "as the weight MSE did" in agree.sentence
+    assert disagree.facts["closest"] == "fp4" and not disagree.facts["agrees_with_mse"]
+    assert "does not fully predict" in disagree.sentence
+
+
+def test_fixed_alpha_rank_flips_and_ties():
+    slow = findings.fixed_alpha_rank({1: 0.07, 4: 0.075, 64: 0.09}, 16)
+    not_slow = findings.fixed_alpha_rank({1: 0.09, 4: 0.05, 64: 0.07}, 16)
+    tie = findings.fixed_alpha_rank({1: 0.0700, 64: 0.0705}, 16)
+    assert slow.facts["largest_rank_slowest"] and "learned slowest" in slow.sentence
+    assert not not_slow.facts["largest_rank_slowest"] and "was not the slowest" in not_slow.sentence
+    assert "tie" in tie.sentence
+
+
+def test_scale_stability_flips():
+    assert "more stable" in findings.scale_stability({"rs": 1.3, "fixed": 5.7}, "rs", "fixed").sentence
+    assert "did NOT" in findings.scale_stability({"rs": 6.0, "fixed": 5.7}, "rs", "fixed").sentence
+
+
+def test_update_directions_words_fit_the_count():
+    """A smoke run printed 'uses few directions' with 6 of 8: the words now follow the share."""
+    assert "most of its directions" in findings.update_directions(6, 8).sentence
+    assert "few of its directions" in findings.update_directions(15, 64).sentence
+    assert "about half" in findings.update_directions(4, 8).sentence
+
+
+def test_targets_at_equal_budget_three_ways():
+    better = findings.targets_at_equal_budget((4, 100, 0.146), (21, 100, 0.158))
+    worse = findings.targets_at_equal_budget((4, 100, 0.170), (21, 100, 0.158))
+    tie = findings.targets_at_equal_budget((4, 100, 8.314), (21, 100, 8.358))  # 0.5 %: the GPU run's "finding"
+    assert (better.facts["verdict"], worse.facts["verdict"], tie.facts["verdict"]) == ("better", "worse", "tie")
+    assert "as the QLoRA paper found" in better.sentence and "does not separate them" in tie.sentence
+
+
+def test_qlora_vs_lora_speed_and_accuracy():
+    assert "tie" in findings.qlora_vs_lora_speed(3.40, 3.36, "CPU", False).sentence  # 1 %
+    slower = findings.qlora_vs_lora_speed(0.91, 0.62, "H100", True)
+    assert "47% slower" in slower.sentence and "launch-bound" in slower.sentence
+    assert "faster" in findings.qlora_vs_lora_speed(1.0, 1.5, "GPU", False).sentence
+    assert findings.qlora_vs_lora_accuracy(0.805, 0.855, 200).facts["verdict"] == "tie"  # the lab's 5-point gap
+    assert findings.qlora_vs_lora_accuracy(0.60, 0.90, 200).facts["verdict"] == "worse"
+    assert "less" in findings.qlora_vs_lora_memory(1.0e9, 2.0e9, "x").sentence
+
+
+def test_show_withholds_weight_dependent_findings_on_random_weights(capsys):
+    items = [findings.Finding("memory fact"), findings.Finding("NF4 wins", needs_trained_weights=True)]
+    assert findings.show(items, trained_weights=False) == items[:1]
+    out = capsys.readouterr().out
+    assert "RANDOM WEIGHTS" in out and "NF4 wins" not in out and "memory fact" in out
+    assert findings.show(items, trained_weights=True) == items
+
+
+def test_paper_verdict_counts_paged_state():
+    gib = 2**30
+    est = SimpleNamespace(peak_allocated_bytes=43 * gib, paged_bytes=6.4 * gib)
+    assert not findings.paper_verdict("llama-65b", 48, est).facts["fits"]  # 49.4 GiB with the paged state
+    measured = SimpleNamespace(peak_allocated_bytes=40 * gib, paged_bytes=6 * gib, device_used_bytes=47 * gib)
+    verdict = findings.paper_verdict("llama-65b", 48, est, measured)
+    assert verdict.facts == {"fits": True, "measured": True} and "47.0 GiB were in use" in verdict.sentence
