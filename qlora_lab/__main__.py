@@ -13,6 +13,7 @@ import sys
 # (make install asks it what is missing), and `--help` should not wait for torch.
 
 def main(argv: list[str] | None = None) -> int:
+    """Dispatch `python -m qlora_lab COMMAND ...` to its module; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"run": "run lab notebooks with papermill", "vram": "predict the memory of a training step",
                 "env": "print versions and device",

@@ -13,6 +13,7 @@ import argparse
 import itertools
 import json
 import sys
+from dataclasses import dataclass
 
 from qlora_lab import recipe, shapes, vram
 from qlora_lab.vram import Estimate, GiB, SetupError, estimate
@@ -37,6 +38,40 @@ def fits(est: Estimate, gpu: str) -> bool:
     Example: fits(estimate("llama-2-7b", method="qlora"), "T4 16GB") -> True
     """
     return est.device_bytes <= gpu_bytes(gpu)
+
+
+TIERS = ("allocated", "+ paged state", "device total")  # what is counted, from PyTorch's tensors to nvidia-smi
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Does a step fit a memory limit, tier by tier? It fits only when its device total fits."""
+
+    limit_bytes: float  # the card's usable memory
+    tiers: dict  # bytes per tier: allocated peak; plus paged optimizer state; device total (plus CUDA context, slack)
+    fits: bool  # the device total fits
+    decided_by: str  # the first tier over the limit, or "device total" when every tier fits
+
+    def __str__(self) -> str:
+        marks = ", ".join(f"{tier} {b / GiB:.1f} GiB {'ok' if b <= self.limit_bytes else 'OVER'}"
+                          for tier, b in self.tiers.items())
+        return (f"{'fits' if self.fits else 'does not fit'} {self.limit_bytes / GiB:.1f} GiB ({marks}; "
+                f"the {self.decided_by} decides)")
+
+
+def verdict(allocated: float, paged: float, device: float, limit_bytes: float) -> Verdict:
+    """The three-tier verdict from allocated, paged and device-level bytes (predicted or measured).
+
+    Example: str(verdict(20 * GiB, 2 * GiB, 25 * GiB, 24 * GiB)) -> "does not fit 24.0 GiB (...; the device total decides)"
+    """
+    tiers = dict(zip(TIERS, (allocated, allocated + paged, device)))
+    over = [tier for tier, b in tiers.items() if b > limit_bytes]
+    return Verdict(limit_bytes, tiers, not over, over[0] if over else "device total")
+
+
+def predicted_verdict(est: Estimate, limit_bytes: float) -> Verdict:
+    """verdict() of a calculator estimate. Example: predicted_verdict(estimate("llama-65b", r=64), 48 * GiB).fits -> False"""
+    return verdict(est.peak_allocated_bytes, est.paged_bytes, est.device_bytes, limit_bytes)
 
 
 def max_batch(gpu: str, **kwargs) -> int:
@@ -102,7 +137,8 @@ CLAIMS = [
 ]
 CLAIM_GRIDS = {  # the settings searched: "full" for the lesson, "small" for the smoke profile
     "full": {"batch": [1, 2, 4, 8, 16], "seq": [256, 512, 1024, 2048], "checkpointing": [True, False],
-             "optimizer": ["adamw_torch", "paged_adamw_8bit"], "r": [8, 16, 64], "targets": ["all-linear", ("q_proj", "v_proj")]},
+             "optimizer": ["adamw_torch", "paged_adamw_8bit"], "r": [8, 16, 64],
+             "targets": ["all-linear", ("q_proj", "v_proj")]},
     "small": {"batch": [1, 4, 16], "seq": [512, 2048], "checkpointing": [True, False], "optimizer": ["paged_adamw_8bit"]},
 }
 

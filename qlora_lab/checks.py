@@ -23,10 +23,9 @@ step (`step_fn()` does forward, backward and `optimizer.step()`) and checks:
    layout change, not training: check 3 compares such layers in a canonical layout
    (4-bit codes in row-major order + absmax rounded to bf16, which is what the repack keeps).
 
-The report (`OnlyLoraReport`) has `.ok`, `.failures` (readable sentences naming the
-offenders), renders as a table in a notebook or as text, and `.raise_if_failed()` raises.
-`training_step`, `batch_loss` and `describe_setup` are small helpers lab 04 uses to show
-each mistake's symptom.
+The report (`OnlyLoraReport`) has `.ok`, `.failures` (sentences naming the offenders), renders
+as a table, and `.raise_if_failed()` raises. `training_step`, `batch_loss` and `describe_setup`
+help lab 04 show each mistake's symptom.
 
 Shortcuts: fingerprints are blake2b hashes of the raw bytes, copied to the CPU (fine for the
 lab's models; for a 70B model this reads every weight once per snapshot). LoRA tensors are
@@ -529,8 +528,7 @@ def _explain_step_error(err: Exception) -> str:
     return f"the training step failed ({text})."
 
 
-def _as_number(value):
-    """A step's return value as a float when it is a number or a one-element tensor."""
+def _as_number(value):  # a step's return value as a float when it is a number or a one-element tensor
     return float(value) if isinstance(value, (int, float)) or getattr(value, "numel", lambda: 0)() == 1 else value
 
 

@@ -144,6 +144,7 @@ def task_file(split: str) -> Path:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSON-lines file. Example: read_jsonl(task_file("eval"))[0]["sentence"] -> "Send Kira ..." """
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 

@@ -15,6 +15,8 @@ Shortcut: the tie threshold is a fixed rule of thumb, not an interval from repea
 
 from dataclasses import dataclass, field
 
+from qlora_lab import budget
+
 TIE = 0.02  # relative difference below which two single-seed results are called a tie
 
 
@@ -81,7 +83,8 @@ def wins_by_layer(mse_by_type: dict[str, dict[str, float]], fmt: str = "nf4") ->
     """In how many layer types one format beats each other format.
 
     mse_by_type: {format: {layer type: MSE}}.
-    Example: wins_by_layer({"nf4": {"q": 1, "k": 3}, "fp4": {"q": 2, "k": 2}}).sentence -> "NF4 beats FP4 in 1 of 2 layer types."
+    Example: wins_by_layer({"nf4": {"q": 1, "k": 3}, "fp4": {"q": 2, "k": 2}}).sentence
+             -> "NF4 beats FP4 in 1 of 2 layer types."
     """
     types = list(mse_by_type[fmt])
     wins = {other: sum(mse_by_type[fmt][t] < mse_by_type[other][t] for t in types) for other in mse_by_type if other != fmt}
@@ -106,13 +109,15 @@ def best_by_blocksize(mse_by_blocksize: dict[str, dict[int, float]]) -> Finding:
 def eval_loss_ranking(losses: dict[str, float], mse_order: list[str], baseline: str = "bf16") -> Finding:
     """Which format costs the model least eval loss, and whether that agrees with the weight MSE ranking.
 
-    Example: eval_loss_ranking({"bf16": 1.54, "nf4": 1.74, "fp4": 1.88}, ["nf4", "fp4"]).sentence -> "Closest to bf16: NF4 ..."
+    Example: eval_loss_ranking({"bf16": 1.54, "nf4": 1.74, "fp4": 1.88}, ["nf4", "fp4"]).sentence
+             -> "Closest to bf16: NF4 (+0.2000 nats); ..."
     """
     formats = sorted((k for k in losses if k != baseline), key=losses.get)
     closest = min(formats, key=lambda k: abs(losses[k] - losses[baseline]))
     agree = formats == [f for f in mse_order if f in formats]
-    tail = (f"the eval loss ranks the formats as the weight MSE did ({' < '.join(f.upper() for f in formats)})." if agree else
-            f"the eval loss ranks {' < '.join(f.upper() for f in formats)}, the weight MSE "
+    order = " < ".join(f.upper() for f in formats)
+    tail = (f"the eval loss ranks the formats as the weight MSE did ({order})." if agree else
+            f"the eval loss ranks {order}, the weight MSE "
             f"{' < '.join(f.upper() for f in mse_order if f in formats)}: the average weight error does not fully "
             f"predict what the model loses.")
     return Finding(f"Closest to {baseline}: {closest.upper()} ({losses[closest] - losses[baseline]:+.4f} nats); " + tail,
@@ -190,15 +195,19 @@ def qlora_vs_lora_speed(qlora_s: float, lora_s: float, device: str, launch_bound
     change = _rel(qlora_s, lora_s)
     verdict = _compare(qlora_s, lora_s)
     words = "a tie" if verdict == "tie" else f"{abs(change):.0%} {'slower' if change > 0 else 'faster'}"
-    note = (" These steps are launch-bound (a small model): the timing says little about large models." if launch_bound else "")
+    note = " These steps are launch-bound (a small model): the timing says little about large ones." if launch_bound else ""
     return Finding(f"Step time on {device}: QLoRA {qlora_s:.2f} s vs LoRA {lora_s:.2f} s -> QLoRA is {words} "
                    f"(a popular claim: 20-30 % slower).{note}", {"relative": change, "verdict": verdict})
 
 
 def qlora_vs_lora_memory(qlora_bytes: float, lora_bytes: float, memory_kind: str) -> Finding:
-    """Peak memory of QLoRA against 16-bit LoRA. Example: qlora_vs_lora_memory(2.45e9, 3.99e9, "RSS").facts["saved"] -> 0.386"""
+    """Peak memory of QLoRA against 16-bit LoRA.
+
+    Example: qlora_vs_lora_memory(2.45e9, 3.99e9, "RSS").facts["saved"] -> 0.386
+    """
     saved = 1 - qlora_bytes / lora_bytes
-    return Finding(f"Peak memory ({memory_kind}): QLoRA {qlora_bytes / 2**20:,.0f} MiB vs LoRA {lora_bytes / 2**20:,.0f} MiB "
+    return Finding(f"Peak memory ({memory_kind}): QLoRA {qlora_bytes / 2**20:,.0f} MiB vs LoRA "
+                   f"{lora_bytes / 2**20:,.0f} MiB "
                    f"-> {abs(saved):.0%} {'less' if saved > 0 else 'more'}.", {"saved": saved})
 
 
@@ -221,20 +230,18 @@ def qlora_vs_lora_accuracy(qlora_acc: float, lora_acc: float, n: int) -> Finding
 
 
 def paper_verdict(name: str, target_gib: float, predicted, measured=None) -> Finding:
-    """Does a shape fine-tune in the paper's memory, by the tier that decides (see budget.verdict)?
+    """Does a shape fine-tune in the paper's memory? The three-tier verdict (budget.verdict): allocated, plus the
+    paged optimizer state, device total; measured when a run exists, else predicted.
 
     predicted: a vram.Estimate; measured: a measure.Measurement or None.
-    Example: paper_verdict("llama-65b", 48, est).sentence -> "llama-65b: predicted ... -> fits 48 GiB (by the calculator ...)"
+    Example: paper_verdict("llama-65b", 48, est).sentence -> "llama-65b, predicted: does not fit 48.0 GiB (...)"
     """
-    gib = 2**30
-    line = f"{name}: predicted {predicted.peak_allocated_bytes / gib:.1f} GiB allocated + {predicted.paged_bytes / gib:.1f} paged"
+    limit = target_gib * 2**30
     if measured is None:
-        fits = predicted.peak_allocated_bytes + predicted.paged_bytes <= target_gib * gib
-        return Finding(line + f" -> {'fits' if fits else 'does not fit'} {target_gib} GiB with the paged state counted "
-                       f"(by the calculator, not measured here)", {"fits": fits, "measured": False})
-    allocated, paged, device = measured.peak_allocated_bytes, measured.paged_bytes, measured.device_used_bytes
-    tensors = allocated + paged <= target_gib * gib
-    return Finding(line + f"; measured {allocated / gib:.1f} GiB allocated + {paged / gib:.1f} GiB paged = "
-                   f"{(allocated + paged) / gib:.1f} GiB of tensors -> {'fits' if tensors else 'does NOT fit'} {target_gib} "
-                   f"GiB at batch 1 (the CUDA context and allocator cache add more: {device / gib:.1f} GiB were in use on "
-                   f"this device)", {"fits": tensors, "measured": True})
+        v = budget.predicted_verdict(predicted, limit)
+        return Finding(f"{name}, predicted (not measured here): {v}", {"fits": v.fits, "decided_by": v.decided_by,
+                                                                         "measured": False})
+    v = budget.verdict(measured.peak_allocated_bytes, measured.paged_bytes, measured.device_used_bytes, limit)
+    return Finding(f"{name}, measured at batch 1: {v}; the calculator predicted "
+                   f"{predicted.peak_allocated_bytes / 2**30:.1f} GiB allocated",
+                   {"fits": v.fits, "decided_by": v.decided_by, "measured": True})

@@ -140,6 +140,7 @@ def run_notebook(notebook: Path, profile: str, out_dir: Path, overrides: dict | 
 
 
 def format_error(name: str, error: dict) -> str:
+    """A failed notebook's error as text: which cell, its source, the traceback."""
     source = "\n".join("    " + line for line in (error.get("source") or "").splitlines())
     return (f"\n{name} failed in cell {error.get('cell_index')}: {error.get('ename')}: {error.get('evalue')}\n"
             f"--- cell source ---\n{source}\n--- traceback ---\n{error.get('traceback')}\n")
@@ -163,6 +164,7 @@ def _short(value) -> str:
 
 
 def load_summary(profile_dir: Path, profile: str) -> dict:
+    """summary.json of a profile folder, or an empty summary."""
     path = Path(profile_dir) / "summary.json"
     if path.exists():
         summary = json.loads(path.read_text())
@@ -172,6 +174,7 @@ def load_summary(profile_dir: Path, profile: str) -> dict:
 
 
 def write_summary(summary: dict, profile_dir: Path) -> None:
+    """Write summary.json and summary.md, each atomically."""
     paths.atomic_write_text(Path(profile_dir) / "summary.json", json.dumps(summary, indent=1))
     paths.atomic_write_text(Path(profile_dir) / "summary.md", format_summary(summary))
 
@@ -259,6 +262,7 @@ def _parse_set(items: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """python -m qlora_lab run [NOTEBOOK ...] --profile smoke|cpu|gpu --out runs/"""
     parser = argparse.ArgumentParser(prog="python -m qlora_lab run", description="Execute lab notebooks with papermill.")
     parser.add_argument("notebooks", nargs="*", help="notebooks or folders (default: every labs/NN_*.ipynb)")
     parser.add_argument("--profile", default="auto", help="smoke | cpu | gpu (default: gpu with CUDA, else cpu)")

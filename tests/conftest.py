@@ -53,6 +53,7 @@ def gpu_lab(request):
     def results(stem: str) -> dict:
         entry = entries[stem]
         assert entry["status"] == "ok", runner.format_error(stem, entry["error"])
+        assert entry["results"].get("profile") == "gpu", f"{stem} did not start with runner.start_lab"
         return entry["results"]
 
     return results

@@ -19,6 +19,7 @@ def run_lab(stem: str, profile: str = "smoke", overrides: dict | None = None) ->
     summary["notebooks"][stem] = entry
     runner.write_summary(summary, RUNS / profile)
     assert entry["status"] == "ok", runner.format_error(stem, entry["error"])
+    assert entry["results"].get("profile") == profile, f"{stem} did not start with runner.start_lab(...)"
     return entry["results"]
 
 

@@ -8,14 +8,16 @@ from qlora_lab import findings
 def test_mse_ranking_names_the_measured_winner():
     nf4 = findings.mse_ranking({"nf4": 1.0, "fp4": 2.0, "int4": 1.5}, 100)
     fp4 = findings.mse_ranking({"nf4": 2.0, "fp4": 1.0, "int4": 1.5}, 100)
-    assert nf4.facts["ranking"] == ["nf4", "int4", "fp4"] and "NF4 has the lowest error, 2.00x lower than FP4" in nf4.sentence
+    assert nf4.facts["ranking"] == ["nf4", "int4", "fp4"]
+    assert "NF4 has the lowest error, 2.00x lower than FP4" in nf4.sentence
     assert fp4.facts["ranking"][0] == "fp4" and "FP4 has the lowest error" in fp4.sentence
     assert nf4.needs_trained_weights
 
 
 def test_wins_by_layer_counts():
     f = findings.wins_by_layer({"nf4": {"q": 1, "k": 3}, "fp4": {"q": 2, "k": 2}, "int4": {"q": 0.5, "k": 4}})
-    assert f.facts["wins"] == {"fp4": 1, "int4": 1} and f.sentence == "NF4 beats FP4 in 1 of 2 and INT4 in 1 of 2 layer types."
+    assert f.facts["wins"] == {"fp4": 1, "int4": 1}
+    assert f.sentence == "NF4 beats FP4 in 1 of 2 and INT4 in 1 of 2 layer types."
 
 
 def test_best_by_blocksize_says_every_or_lists():
@@ -80,10 +82,15 @@ def test_show_withholds_weight_dependent_findings_on_random_weights(capsys):
     assert findings.show(items, trained_weights=True) == items
 
 
-def test_paper_verdict_counts_paged_state():
+def test_paper_verdict_uses_the_three_tiers():
     gib = 2**30
-    est = SimpleNamespace(peak_allocated_bytes=43 * gib, paged_bytes=6.4 * gib)
-    assert not findings.paper_verdict("llama-65b", 48, est).facts["fits"]  # 49.4 GiB with the paged state
-    measured = SimpleNamespace(peak_allocated_bytes=40 * gib, paged_bytes=6 * gib, device_used_bytes=47 * gib)
-    verdict = findings.paper_verdict("llama-65b", 48, est, measured)
-    assert verdict.facts == {"fits": True, "measured": True} and "47.0 GiB were in use" in verdict.sentence
+    est = SimpleNamespace(peak_allocated_bytes=43 * gib, paged_bytes=6.4 * gib, device_bytes=58 * gib)
+    predicted = findings.paper_verdict("llama-65b", 48, est)
+    assert predicted.facts == {"fits": False, "decided_by": "+ paged state", "measured": False}  # 49.4 GiB
+    fits = SimpleNamespace(peak_allocated_bytes=40 * gib, paged_bytes=6 * gib, device_used_bytes=47 * gib)
+    assert findings.paper_verdict("llama-65b", 48, est, fits).facts == {"fits": True, "decided_by": "device total",
+                                                                        "measured": True}
+    device_over = SimpleNamespace(peak_allocated_bytes=40 * gib, paged_bytes=6 * gib, device_used_bytes=49 * gib)
+    verdict = findings.paper_verdict("llama-65b", 48, est, device_over)
+    assert verdict.facts["decided_by"] == "device total" and not verdict.facts["fits"]
+    assert "does not fit 48.0 GiB" in verdict.sentence and "device total 49.0 GiB OVER" in verdict.sentence

@@ -11,7 +11,7 @@ def test_lab01_smoke():
     assert r["calc_max_abs_error"] < 0.05 and r["calc_median_abs_error"] <= r["calc_max_abs_error"]
     assert set(r["calc_errors"]) and all(abs(e) < 0.05 for e in r["calc_errors"].values())
     assert r["eval_mode_saved_ratio"] > 2  # eval mode silently disables checkpointing
-    assert 0 < r["estimate_seconds"]  # recorded for the README; speed is benchmarked, not asserted
+    assert r["estimate_seconds"] < 1e-3  # the widget redraws on every change: one estimate must stay under 1 ms
 
 
 @pytest.mark.gpu

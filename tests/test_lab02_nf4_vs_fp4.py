@@ -24,8 +24,11 @@ def test_lab02_smoke():
     assert 0.28 < r["dq_saving_gb_7b"] < 0.32 and 2.9 < r["dq_saving_gb_65b"] < 3.1  # paper: ~3 GB on 65B
     for fmt in ("bf16", "nf4", "fp4", "int4"):
         assert math.isfinite(r[f"eval_loss_{fmt}"]) and r[f"eval_loss_{fmt}"] > 0
-    assert r["closest_to_bf16"] in ("nf4", "fp4", "int4")
-    assert r["bnb_2d_dequant_values_differing"] >= 0
+    losses = {fmt: r[f"eval_loss_{fmt}"] for fmt in ("nf4", "fp4", "int4")}
+    assert r["closest_to_bf16"] == min(losses, key=lambda f: abs(losses[f] - r["eval_loss_bf16"]))
+    # where bitsandbytes' 2-D CPU path differs from the reference, the reference is the one closer to the weights
+    assert (r["bnb_2d_dequant_values_differing"] == 0) == (r["bnb_2d_ours_closer"] is None)
+    assert r["bnb_2d_ours_closer"] in (None, True)
 
 
 @pytest.mark.gpu

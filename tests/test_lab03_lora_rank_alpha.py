@@ -12,8 +12,6 @@ def check(r: dict, grid: set[str] | None = None):
     assert r["rerun_trained"] == 0  # the second run_sweep call found every point in the cache
     losses = r["final_eval_loss"]
     assert r["grid_points"] == len(losses) and (grid is None or set(losses) == grid)
-    all_linear = {k: v for k, v in losses.items() if "targets" not in k}
-    assert r["best_eval_loss"] == min(all_linear.values())
     assert losses[f"r={r['best_r']},alpha={r['best_alpha']},rslora={r['best_rslora']}"] == r["best_eval_loss"]
     assert all(0 <= a <= 1 for a in r["final_accuracy"].values())
     assert r["qv_eval_loss"] == losses[next(k for k in losses if "targets=q_proj+v_proj" in k)]
@@ -25,7 +23,8 @@ def check(r: dict, grid: set[str] | None = None):
 def test_lab03_smoke():
     r = run_lab("03_lora_rank_alpha")
     check(r, GRID)
-    assert all(1.0 < v < 2.5 for v in r["final_eval_loss"].values())  # 3 steps: barely below the base's ~1.7
+    # three steps of any configuration already lower the eval loss of the real base (measured on the same rows)
+    assert all(v < r["base_eval_loss"] for v in r["final_eval_loss"].values()), (r["base_eval_loss"], r["final_eval_loss"])
     norms = r["delta_w_final_norm"]
     # fixed alpha: 4x the rank is 1/4 the scale, and a smaller update; rsLoRA's alpha/sqrt(r) shrinks it less
     assert norms["r=8,alpha=4,rslora=False"] < norms["r=2,alpha=4,rslora=False"]

@@ -50,8 +50,7 @@ def test_notebook_structure(path):
     assert set(namespace["PROFILES"]) == set(runner.PROFILE_NAMES)
     keys = [set(v) for v in namespace["PROFILES"].values()]
     assert all(k == keys[0] for k in keys), "every profile defines the same settings"
-    setup = cells[3].source
-    assert "profile_settings(PROFILES, profile, overrides)" in setup and "env.report()" in setup
+    # the rest of the contract (the lab starts with runner.start_lab) is checked on what each lab records: labrun
 
 
 def test_every_lab_has_a_smoke_test():
