@@ -188,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--seq", type=int, default=d.seq)
     p.add_argument("--attn", default=d.attn, choices=vram.ATTENTIONS)
+    p.add_argument("--mixed-precision", default=None,
+                   help="Trainer's bf16=True (bf16), fp16=True (fp16) or neither (no); default: bf16 for (Q)LoRA")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    p.add_argument("--keep-outputs", action=argparse.BooleanOptionalAction, default=d.keep_outputs,
+                   help="a hand loop that keeps out = model(...) alive through backward")
     p.add_argument("--gpu", default=None, help=f"also say whether it fits: {', '.join(GPUS)}")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = vars(p.parse_args(argv))
@@ -204,6 +209,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({**est.to_dict(), "fits": verdict}, indent=1))
     else:
         print(est.table())
-        for name, ok in verdict.items():
-            print(f"fits {name}: {'yes' if ok else 'no'}")
+        for name in verdict:
+            print(f"{name}: {predicted_verdict(est, gpu_bytes(name))}")
     return 0

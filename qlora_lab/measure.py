@@ -25,15 +25,19 @@ import ctypes
 import gc
 import re
 import resource
+import tempfile
 import time
 import weakref
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from accelerate.utils import convert_outputs_to_fp32
+from datasets import Dataset
+from peft import prepare_model_for_kbit_training
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
-from tqdm.auto import tqdm
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from qlora_lab import lora, models, quant, recipe, vram
 
@@ -56,6 +60,7 @@ class Measurement:
     device_used_bytes: int | None = None  # CUDA: total - free from mem_get_info after the step (context, paged state too)
     paged_bytes: int = 0  # optimizer state in CUDA unified memory (outside PyTorch's allocator)
     rss_bytes: int | None = None  # CPU: peak resident set size of this process (includes everything)
+    step_peaks: list = field(default_factory=list)  # Trainer: the peak of every optimizer step, in order
     timeline: list = field(default_factory=list)  # (event, phase, allocated bytes) at each decoder layer's start/end
     step_seconds: float = 0.0  # wall time of the measured step
     loss: float = 0.0  # loss of the measured step (a sanity check that it trained)
@@ -161,8 +166,13 @@ def saved_activation_bytes(model, input_ids: torch.Tensor) -> int:
     return sum(seen.values())
 
 
-def build(setup, device: str | None = None, seed: int = 0):
-    """The model (in train mode) and optimizer a vram.Setup describes, on `device`."""
+def build(setup, device: str | None = None, seed: int = 0, wrap_mixed_precision: bool = True):
+    """The model (in train mode) and optimizer a vram.Setup describes, on `device`.
+
+    With mixed precision the model's forward is wrapped the way accelerate wraps it for Trainer
+    (autocast around forward and loss, outputs converted to fp32), unless wrap_mixed_precision
+    is False (Trainer wraps it itself).
+    """
     device = device or recipe.default_device()
     if setup.method == "qlora":
         model, _ = models.load_model(f"random:{setup.model}", quant=setup.quant, double_quant=setup.double_quant,
@@ -180,6 +190,9 @@ def build(setup, device: str | None = None, seed: int = 0):
         config = lora.lora_config(r=setup.r, alpha=2 * setup.r, targets=setup.target_list(), dropout=setup.lora_dropout)
         model = lora.add_lora(model, config, gradient_checkpointing=setup.checkpointing, prepare=setup.prepare)
         cast_adapters(model, setup.adapter_dtype)
+    if setup.autocast() and wrap_mixed_precision:
+        autocast = torch.autocast(torch.device(device).type, dtype=recipe.DTYPES[setup.precision()])
+        model.forward = convert_outputs_to_fp32(autocast(model.forward))  # accelerate.prepare_model's wrapping
     model.train()
     return model, recipe.make_optimizer(setup.optimizer, lora.trainable_parameters(model))
 
@@ -235,25 +248,28 @@ def _release(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def train_step(model, optimizer, input_ids: torch.Tensor, mark=lambda phase: None, keep_outputs: bool = False) -> float:
-    """One training step of the lab's recipe; mark(phase) is called as forward, backward and the optimizer end.
+def train_step(model, optimizer, input_ids: torch.Tensor, mark=lambda phase: None, keep_outputs: bool = False,
+               grad_accum: int = 1) -> float:
+    """One optimizer step of the lab's recipe over grad_accum micro-batches; mark(phase) is called as each
+    forward, each backward and the optimizer step end.
 
     keep_outputs=True is the hand-written loop that keeps `out = model(...)` alive through
     `out.loss.backward()`: its logits stay allocated during backward.
     Example: train_step(model, optimizer, input_ids) -> 10.83
     """
     assert model.training, "measure a training step in train mode (eval mode disables checkpointing)"
-    out = model(input_ids=input_ids, labels=input_ids)
-    loss = out.loss
-    if not keep_outputs:
-        del out
-    mark("forward")
-    loss.backward()
-    mark("backward")
+    for _ in range(grad_accum):
+        out = model(input_ids=input_ids, labels=input_ids)
+        loss = out.loss / grad_accum
+        if not keep_outputs:
+            del out
+        mark("forward")
+        loss.backward()
+        mark("backward")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     mark("optimizer")
-    return loss.item()
+    return loss.item() * grad_accum
 
 
 class CudaMemory:
@@ -313,9 +329,9 @@ def measure_steps(model, optimizer, setup, steps: int = 2, seed: int = 0, timeli
     vocab = model.config.vocab_size if hasattr(model, "config") else model.base_model.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, vocab, (setup.batch, setup.seq), generator=gen).to(device)  # (batch, seq)
-    keep = getattr(setup, "keep_outputs", False)
+    keep, accum = setup.keep_outputs, setup.grad_accum
     for _ in range(steps - 1):
-        train_step(model, optimizer, input_ids, keep_outputs=keep)
+        train_step(model, optimizer, input_ids, keep_outputs=keep, grad_accum=accum)
     result = Measurement(device=device.type, peak_allocated_bytes=0, paged_bytes=paged_state_bytes(optimizer),
                          setup=asdict(setup), after={"load": after_load})
     reader = CudaMemory() if cuda else CpuLiveTensors(owned_tensor_bytes(model, optimizer, input_ids))
@@ -323,14 +339,15 @@ def measure_steps(model, optimizer, setup, steps: int = 2, seed: int = 0, timeli
     phase = ["forward"]  # the phase the timeline hooks are in
 
     def mark(name):
-        result.phase_peaks[name], result.after["step" if name == "optimizer" else name] = reader.read()
-        phase[0] = "backward"
+        peak, result.after["step" if name == "optimizer" else name] = reader.read()
+        result.phase_peaks[name] = max(peak, result.phase_peaks.get(name, 0))  # over every micro-batch
+        phase[0] = "backward" if name == "forward" else "forward"
 
     handles = _timeline_hooks(model, result.timeline, phase, torch.cuda.memory_allocated) if timeline and cuda else []
     start = time.perf_counter()
     with reader:
         result.after["start"] = reader.current()
-        result.loss = train_step(model, optimizer, input_ids, mark, keep_outputs=keep)
+        result.loss = train_step(model, optimizer, input_ids, mark, keep_outputs=keep, grad_accum=accum)
     result.step_seconds = time.perf_counter() - start
     for handle in handles:
         handle.remove()
@@ -365,6 +382,105 @@ def try_measure_steps(model, optimizer, setup, steps: int = 3, cap_gib: float | 
             torch.cuda.set_per_process_memory_fraction(1.0)
 
 
+class _StepPeaks(TrainerCallback):
+    """Records the peak memory of every optimizer step Trainer takes (CUDA allocator, or live tensors on a CPU)."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.peaks: list[int] = []  # one per step, in order
+        self.live = None
+
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            gc.collect()
+            self.base, self.live = owned_tensor_bytes(model, optimizer), LiveTensorBytes()
+            self.live.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peaks.append(torch.cuda.max_memory_allocated())
+        else:
+            self.live.__exit__(None, None, None)
+            self.peaks.append(self.base + self.live.peak)
+
+
+def measure_trainer(setup, steps: int = 3, device: str | None = None, seed: int = 0, checkpoint: str | None = None,
+                    prepare_defaults: bool = False) -> Measurement:
+    """Train `steps` steps of a vram.Setup with transformers' Trainer and measure every step's peak.
+
+    TrainingArguments carry what the setup says: bf16=/fp16= (mixed precision), gradient
+    accumulation, the optimizer by its Trainer name, gradient_checkpointing=setup.checkpointing.
+    The result's peak_allocated_bytes is the highest step peak (the first step included);
+    step_peaks lists them all. checkpoint: load the base with from_pretrained from that directory
+    (a 16-bit checkpoint quantized on the way in), and also measure the load and prepare peaks.
+    prepare_defaults: call prepare_model_for_kbit_training(model) with its defaults, as most
+    guides do, whatever setup.checkpointing says (the pitfall lab 01 measures).
+    Example: measure_trainer(vram.Setup(model="smollm2-135m", batch=2, seq=128), device="cpu").step_peaks
+    """
+    device = torch.device(device or recipe.default_device())
+    _release(device)
+    phases = {}
+    if checkpoint or prepare_defaults:
+        model, phases = _load_and_prepare(setup, str(device), checkpoint, prepare_defaults, seed)
+    else:
+        model, _ = build(setup, str(device), seed, wrap_mixed_precision=False)
+    vocab = model.base_model.config.vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (setup.batch * setup.grad_accum * steps, setup.seq), generator=gen).tolist()
+    optim, optim_args = recipe.trainer_optim(setup.optimizer)
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="qlora-lab-measure-"), max_steps=steps, per_device_train_batch_size=setup.batch,
+        gradient_accumulation_steps=setup.grad_accum, bf16=setup.precision() == "bf16",
+        fp16=setup.precision() == "fp16", gradient_checkpointing=setup.checkpointing and not prepare_defaults,
+        gradient_checkpointing_kwargs={"use_reentrant": False}, optim=optim, optim_args=optim_args or None,
+        learning_rate=1e-4, weight_decay=0.0, logging_steps=10**6, save_strategy="no", report_to="none",
+        use_cpu=device.type == "cpu", remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True)
+    callback = _StepPeaks(device.type == "cuda")
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}),
+                      callbacks=[callback])
+    trainer.remove_callback(PrinterCallback)  # no log lines in the lab's output
+    trainer.train()
+    result = Measurement(device=device.type, peak_allocated_bytes=max(callback.peaks), step_peaks=callback.peaks,
+                         phase_peaks={**phases, "step": max(callback.peaks)}, setup=asdict(setup),
+                         memory_kind=CUDA_ALLOCATED if device.type == "cuda" else CPU_LIVE_TENSORS,
+                         paged_bytes=paged_state_bytes(trainer.optimizer),
+                         loss=trainer.state.log_history[-1].get("train_loss", 0.0))
+    if device.type == "cuda":
+        result.peak_reserved_bytes = torch.cuda.max_memory_reserved()
+        free, total = torch.cuda.mem_get_info()
+        result.device_used_bytes = total - free
+    del trainer, model
+    _release(device)
+    return result
+
+
+def _load_and_prepare(setup, device: str, checkpoint: str | None, prepare_defaults: bool, seed: int):
+    """The base loaded as users load it (from_pretrained when a checkpoint is given), prepared, with LoRA;
+    plus the load and prepare peaks on CUDA."""
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    spec = checkpoint or f"random:{setup.model}"
+    model, _ = models.load_model(spec, quant=setup.quant if setup.method == "qlora" else None, device=device,
+                                 double_quant=setup.double_quant, compute_dtype=recipe.DTYPES[setup.compute_dtype],
+                                 seed=seed)
+    phases = {"load": torch.cuda.max_memory_allocated()} if cuda else {}
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    if prepare_defaults:  # the guides' call: gradient checkpointing turned on, whatever comes later
+        model = prepare_model_for_kbit_training(model)
+    config = lora.lora_config(r=setup.r, alpha=2 * setup.r, targets=setup.target_list(), dropout=setup.lora_dropout)
+    model = lora.add_lora(model, config, gradient_checkpointing=setup.checkpointing and not prepare_defaults,
+                          prepare=setup.prepare and not prepare_defaults)
+    if cuda:
+        phases["prepare"] = torch.cuda.max_memory_allocated()
+    return model, phases
+
+
 def measure_variants(setup, variants: dict[str, dict], steps: int = 3, timeline: bool = True) -> dict[str, dict]:
     """Build the model of `setup` once on the GPU, then measure each variant of it on that one model.
 
@@ -393,66 +509,6 @@ def measure_variants(setup, variants: dict[str, dict], steps: int = 3, timeline:
     del model, optimizer
     _release(torch.device("cuda"))
     return runs
-
-
-# Configurations lab 01 measures the calculator against: "gpu" (CUDA), "cpu" and "cpu-small" (this CPU, smoke).
-CALIBRATION = {
-    "gpu": [
-        dict(model="smollm2-135m", method="qlora", batch=8, seq=512, r=16),
-        dict(model="smollm2-135m", method="lora", batch=8, seq=1024, r=8, checkpointing=False),
-        dict(model="smollm2-360m", method="qlora", batch=4, seq=1024, r=64, checkpointing=False),
-        dict(model="qwen2.5-0.5b", method="qlora", batch=4, seq=512, r=16),
-        dict(model="llama-3.2-1b", method="qlora", batch=2, seq=2048, r=16, optimizer="paged_adamw_8bit"),
-        dict(model="llama-3.2-1b", method="lora", batch=4, seq=512, r=32, checkpointing=False),
-        dict(model="smollm2-1.7b", method="qlora", batch=8, seq=256, r=8, checkpointing=False, targets=("q_proj", "v_proj")),
-        dict(model="llama-2-7b", method="qlora", batch=4, seq=512, r=16),
-        dict(model="llama-2-7b", method="qlora", batch=1, seq=2048, r=64, checkpointing=False,
-             optimizer="paged_adamw_32bit"),
-        dict(model="mistral-7b", method="qlora", batch=2, seq=1024, r=16, optimizer="paged_adamw_8bit"),
-        dict(model="llama-3.1-8b", method="qlora", batch=1, seq=1024, r=16),
-        dict(model="llama-3.1-8b", method="lora", batch=2, seq=512, r=16),
-        dict(model="llama-2-7b", method="lora", batch=1, seq=2048, r=8),
-        dict(model="qwen2.5-7b", method="qlora", batch=2, seq=512, r=32, lora_dropout=0.05),
-        dict(model="llama-3.2-1b", method="qlora", batch=1, seq=1024, r=16, checkpointing=False, attn="eager"),
-        dict(model="llama-3.1-8b", method="qlora", batch=4, seq=2048, r=64),
-        dict(model="llama-2-7b", method="qlora", batch=8, seq=1024, r=16, optimizer="paged_adamw_8bit"),
-        dict(model="llama-3.1-8b", method="qlora", batch=2, seq=256, r=8, checkpointing=False, optimizer="adamw_8bit"),
-    ],
-    "cpu": [
-        dict(model="smollm2-135m", method="qlora", batch=2, seq=64, r=16),
-        dict(model="smollm2-135m", method="qlora", batch=2, seq=64, r=16, checkpointing=False),
-        dict(model="smollm2-135m", method="lora", batch=2, seq=64, r=8, checkpointing=False),
-        dict(model="smollm2-135m", method="qlora", batch=1, seq=128, r=64, targets=("q_proj", "v_proj"),
-             checkpointing=False),
-        dict(model="smollm2-135m", method="qlora", batch=2, seq=64, r=16, lora_dropout=0.1, checkpointing=False),
-        dict(model="smollm2-135m", method="qlora", batch=2, seq=64, r=16, attn="eager", checkpointing=False),
-        dict(model="smollm2-135m", method="full", base_dtype="bf16", batch=2, seq=64),
-        dict(model="smollm2-135m", method="qlora", batch=4, seq=128, r=16, optimizer="adamw_8bit"),
-    ],
-    "cpu-small": [dict(model="smollm2-135m", method="qlora", batch=1, seq=64, r=16),
-                  dict(model="smollm2-135m", method="lora", batch=1, seq=64, r=8, checkpointing=False)],
-}
-
-
-def compare_with_calculator(configs: list[dict], device: str, progress: bool = True) -> list[dict]:
-    """Measure each configuration (`measure`) and put the calculator's prediction beside it.
-
-    Returns one row per configuration: label, config, measured and predicted peak bytes,
-    error (predicted / measured - 1), both sides' phase peaks, and on CUDA the reserved,
-    device-level and paged bytes. Example: compare_with_calculator(CALIBRATION["cpu-small"], "cpu")[0]["error"] -> 0.001
-    """
-    rows = []
-    for config in tqdm(configs, desc=f"measuring on {device}", unit="config", disable=not progress):
-        result = measure(vram.Setup(**config), device=device)
-        predicted = vram.estimate(device=device, **config)
-        rows.append({"label": f"{config['model']} {config['method']} b{config['batch']}x{config['seq']}",
-                     "config": config, "measured": result.peak_allocated_bytes, "predicted": predicted.peak_allocated_bytes,
-                     "error": predicted.peak_allocated_bytes / result.peak_allocated_bytes - 1,
-                     "measured_phases": result.phase_peaks, "predicted_phases": predicted.phases,
-                     "reserved": result.peak_reserved_bytes, "device_used": result.device_used_bytes,
-                     "paged": result.paged_bytes, "predicted_paged": predicted.paged_bytes,
-                     "predicted_device": predicted.device_bytes, "memory_kind": result.memory_kind})
-    return rows
 
 
 def paged_state_bytes(optimizer) -> int:

@@ -346,6 +346,18 @@ def random_state_dict(shape: str, seed: int = 0, dtype: torch.dtype = torch.bflo
     return out
 
 
+def save_random_checkpoint(shape: str, directory: str | Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Save a random model of a shape as a 16-bit safetensors checkpoint (with a tokenizer), as a hub model arrives.
+
+    For measuring the from_pretrained path (16-bit shards quantized on the way in) without a download.
+    Example: load_model(str(save_random_checkpoint("qwen2.5-0.5b", "/tmp/ckpt")), quant="nf4")
+    """
+    model = build_random_model(shape, quant=None, device="cpu", compute_dtype=dtype, seed=seed)
+    model.save_pretrained(directory, safe_serialization=True)
+    random_tokenizer(model.config.vocab_size).save_pretrained(directory)
+    return Path(directory)
+
+
 def build_random_model(shape: str, quant: str | None = "nf4", double_quant: bool = True, device: str = "cpu",
                        compute_dtype: torch.dtype = torch.bfloat16, seed: int = 0, blocksize: int = 64,
                        attn: str | None = None):

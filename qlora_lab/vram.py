@@ -38,6 +38,7 @@ from qlora_lab.shapes import Arch
 GiB = 2**30
 METHODS = ("full", "lora", "qlora")
 ATTENTIONS = ("sdpa", "eager")
+MIXED_PRECISIONS = ("no", "bf16", "fp16")  # Trainer's bf16=/fp16= (accelerate's mixed_precision)
 ALLOC_ROUND = 512  # PyTorch's CUDA caching allocator rounds every tensor up to a multiple of 512 bytes
 PAGED_MIN_NUMEL = 100_000  # bitsandbytes pages only state tensors of at least 1e5 elements
 BNB_8BIT_MIN_NUMEL = 4096  # bitsandbytes keeps 32-bit state for tensors smaller than this
@@ -71,6 +72,18 @@ class Setup:
     seq: int = 512  # tokens per sequence
     checkpointing: bool = True  # gradient checkpointing of every decoder layer
     attn: str = "sdpa"  # attention implementation: "sdpa" (flash/efficient kernels) or "eager" (keeps s x s scores)
+    mixed_precision: str | None = None  # "no" | "bf16" | "fp16" (Trainer's bf16=/fp16=); None: bf16 for (Q)LoRA, no for full
+    grad_accum: int = 1  # micro-batches per optimizer step; gradients of earlier ones stay alive
+    keep_outputs: bool = False  # a hand loop that keeps `out = model(...)` (its logits) alive through backward
+
+    def precision(self) -> str:
+        """The mixed precision in force. The default is bf16 for LoRA and QLoRA because that is the run users
+        launch: Trainer with bf16=True, as in the QLoRA guides' recipes; full fine-tunes are modelled without it."""
+        return self.mixed_precision or ("no" if self.method == "full" else "bf16")
+
+    def autocast(self) -> bool:
+        """Whether forward runs under autocast (accelerate's way: Trainer with bf16=True or fp16=True)."""
+        return self.precision() != "no"
 
     def resolved_base_dtype(self) -> str:
         return self.base_dtype or ("fp32" if self.method == "full" else "bf16")
@@ -110,6 +123,13 @@ def validate(setup: Setup, sh: Arch) -> None:
         bad(str(err))
     if setup.attn not in ATTENTIONS:
         bad(f"attn must be one of {ATTENTIONS}, got {setup.attn!r}")
+    if setup.precision() not in MIXED_PRECISIONS:
+        bad(f"mixed_precision must be one of {MIXED_PRECISIONS} (Trainer's bf16=True / fp16=True, or neither), "
+            f"got {setup.mixed_precision!r}")
+    if setup.autocast() and setup.method == "full":
+        bad("mixed precision is modelled for LoRA and QLoRA; for a full fine-tune use mixed_precision='no'")
+    if not isinstance(setup.grad_accum, int) or setup.grad_accum <= 0:
+        bad(f"grad_accum must be a positive integer, got {setup.grad_accum!r}")
     for name, value in (("batch", setup.batch), ("seq", setup.seq)):
         if not isinstance(value, int) or value <= 0:
             bad(f"{name} must be a positive integer, got {value!r}")
@@ -279,52 +299,67 @@ def attention_kernel(setup: Setup, sh: Arch, device: str = "cuda") -> str:
     PyTorch's SDPA on CUDA when the stream is fp32 and the model uses grouped-query attention:
     flash attention needs 16-bit inputs and the memory-efficient kernel does not take GQA, so
     SDPA falls back to its math kernel. That is QLoRA after prepare_model_for_kbit_training
-    (fp32 stream) on Llama-3, Mistral, Qwen2 or SmolLM2 (measured on an H100, torch 2.11).
+    (fp32 stream) on Llama-3, Mistral, Qwen2 or SmolLM2 (measured on an H100, torch 2.11),
+    without mixed precision; Trainer's bf16=True casts q, k, v to bf16 and flash attention runs.
     Example: attention_kernel(Setup(model="mistral-7b"), shapes.of("mistral-7b")) -> "scores"
     """
     if setup.attn == "eager":
         return "scores"
-    if device == "cuda" and stream_bytes(setup) == 4 and sh.kv_heads < sh.heads:
-        return "scores"
+    if device == "cuda" and not setup.autocast() and stream_bytes(setup) == 4 and sh.kv_heads < sh.heads:
+        return "scores"  # under autocast SDPA gets 16-bit inputs, and flash attention takes them
     return "fused"
 
 
 def layer_activation_bytes(setup: Setup, sh: Arch, device: str = "cuda") -> dict[str, int]:
     """Bytes autograd saves for backward in one decoder layer, per token, by part (no checkpointing).
 
-    With a = stream bytes, f = adapter bytes (4), h/q/kv/I = hidden/query/kv/intermediate sizes,
+    With a = stream bytes, f = adapter bytes (4), m = bytes of what attention and the adapters
+    compute in (2 under autocast, else a and f), h/q/kv/I = hidden/query/kv/intermediate sizes,
     s = sequence length, n = query heads:
       norms      2 x (4h + 4): RMSNorm saves an fp32 copy of its input (the input itself when
                  already fp32) and 1/rms; trainable norms (full) also save the normalised a*h
-      attention  fused kernels: q, k, v and the output, a*(2q + 2kv), + fp32 logsumexp per head;
+      attention  fused kernels: q, k, v and the output, m*(2q + 2kv), + fp32 logsumexp per head;
                  with scores (eager, or SDPA's math fallback, see attention_kernel): q and k, v
-                 repeated to every head (3aq) + the softmax probabilities, s*n*4 in fp32, plus
-                 their cast copy s*n*a when the stream is 16-bit
+                 repeated to every head (3mq) + the softmax probabilities, s*n*4 in fp32, plus
+                 their cast copy s*n*m when attention computes in 16 bits
       mlp        SiLU saves gate (aI); the product saves silu(gate) and up: 3aI
       inputs     what the consumers of each linear's input keep. full: every base linear saves
                  its input for its weight gradient (the two norm outputs, the MLP product, and
-                 the attention output, which sdpa already saved). LoRA/QLoRA: each targeted
-                 lora_A saves its input cast to fp32 — one shared tensor per input when the
-                 stream is already fp32, one copy per module otherwise; lora_B saves lora_A's
-                 output (f*r)
-      dropout    lora_dropout > 0: per targeted module a dropped copy (f * d_in) and the mask
-                 (bool on CUDA, 1 byte; fp32 on CPU, 4 bytes)
-    Example: layer_activation_bytes(Setup(), shapes.of("smollm2-135m"))["total"] -> 40_324 (QLoRA r=16, fp32 stream)
+                 the attention output, which sdpa already saved). LoRA/QLoRA without autocast:
+                 each targeted lora_A saves its input cast to fp32 — one shared tensor per input
+                 when the stream is already fp32, one copy per module otherwise; lora_B saves
+                 lora_A's output (f*r). Under autocast every lora_A saves its own 16-bit copy
+                 of its input (2*d_in; o_proj's too: peft casts it to fp32 first, autocast back)
+                 and lora_B a 16-bit input (2r)
+      dropout    lora_dropout > 0: per targeted module a dropped copy (f * d_in, 2 * d_in under
+                 autocast) and the mask (bool on CUDA, 1 byte; fp32 on CPU, 4 bytes)
+    Measured per tensor with autograd's saved-tensor hooks (tests/test_vram.py checks the totals).
+    Example: layer_activation_bytes(Setup(mixed_precision="no"), shapes.of("smollm2-135m"))["total"] -> 40_324
     """
-    a, f = stream_bytes(setup), DTYPE_BYTES[setup.adapter_dtype]
+    a = stream_bytes(setup)
     h, q, kv, inter, s, n = sh.hidden, sh.q_dim, sh.kv_dim, sh.intermediate, setup.seq, sh.heads
+    m = 2 if setup.autocast() else a
     sdpa = attention_kernel(setup, sh, device) == "fused"
     parts = {"norms": 2 * (4 * h + 4) + (2 * a * h if setup.method == "full" else 0)}
     if sdpa:
-        parts["attention"] = a * (2 * q + 2 * kv) + 4 * n
+        parts["attention"] = m * (2 * q + 2 * kv) + 4 * n
     else:
-        parts["attention"] = 3 * a * q + s * n * (4 + (a if a != 4 else 0))
+        parts["attention"] = 3 * m * q + s * n * (4 + (m if m != 4 else 0))
     parts["mlp"] = 3 * a * inter
     if setup.method == "full":
         parts["inputs"] = a * (2 * h + inter + (0 if sdpa else q))
         return {**parts, "total": sum(parts.values())}
+    parts.update(_adapter_input_bytes(setup, sh, sdpa, device))
+    return {**parts, "total": sum(parts.values())}
+
+
+def _adapter_input_bytes(setup: Setup, sh: Arch, sdpa: bool, device: str) -> dict[str, int]:
+    """Per token: the adapters' saved inputs (and with dropout, the dropped copies and masks); see layer_activation_bytes."""
+    a, f = stream_bytes(setup), DTYPE_BYTES[setup.adapter_dtype]
+    copy = 2 if setup.autocast() else f  # bytes of the copy lora_A saves
     targets = set(setup.target_list())
-    d_in = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": q, "gate_proj": h, "up_proj": h, "down_proj": inter}
+    d_in = {"q_proj": sh.hidden, "k_proj": sh.hidden, "v_proj": sh.hidden, "o_proj": sh.q_dim, "gate_proj": sh.hidden,
+            "up_proj": sh.hidden, "down_proj": sh.intermediate}
     mask = 1 if device == "cuda" else 4
     inputs = dropout = 0
     for group in (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)):
@@ -333,15 +368,13 @@ def layer_activation_bytes(setup: Setup, sh: Arch, device: str = "cuda") -> dict
             continue
         width = d_in[hit[0]]
         if setup.lora_dropout > 0:
-            dropout += len(hit) * (f + mask) * width
-        elif a == f:
-            inputs += 0 if (group == ("o_proj",) and sdpa) else f * width  # sdpa saved the o_proj input already
+            dropout += len(hit) * (copy + mask) * width
+        elif setup.autocast() or a != f:
+            inputs += len(hit) * copy * width
         else:
-            inputs += len(hit) * f * width
-    parts["inputs"] = inputs + len(targets) * f * setup.r
-    if dropout:
-        parts["dropout"] = dropout
-    return {**parts, "total": sum(parts.values())}
+            inputs += 0 if (group == ("o_proj",) and sdpa) else f * width  # sdpa saved the o_proj input already
+    parts = {"inputs": inputs + len(targets) * (2 if setup.autocast() else f) * setup.r}
+    return {**parts, "dropout": dropout} if dropout else parts
 
 
 def activation_bytes(setup: Setup, sh: Arch, device: str = "cuda") -> int:
@@ -361,15 +394,36 @@ def activation_bytes(setup: Setup, sh: Arch, device: str = "cuda") -> int:
 def logits_bytes(setup: Setup, sh: Arch) -> dict[str, int]:
     """The vocabulary-sized tensors of the loss, for batch x seq tokens (t) and vocab V.
 
-    logits:     t x V in the lm_head's dtype (fp32 after prepare's upcast, else the weights' dtype)
-    fp32 copy:  transformers' ForCausalLMLoss calls logits.float(): a t x V x 4 copy unless already fp32
+    logits:     t x V in the lm_head's dtype (fp32 after prepare's upcast, else the weights' dtype;
+                2 bytes under autocast, which runs lm_head in 16 bits)
+    fp32 copy:  transformers' ForCausalLMLoss calls logits.float(): a t x V x 4 copy unless already
+                fp32 (under autocast accelerate then converts the returned logits to fp32 too: the
+                same size, at a moment when the first copy is gone)
     log-softmax output: t x V x 4, saved by cross_entropy for backward
     backward:   nll_loss's gradient and log_softmax's gradient, each t x V x 4
+    kept:       keep_outputs: the returned logits held through backward (t x V x 4 under autocast)
     """
     t, v = setup.batch * setup.seq, sh.vocab
-    a_l = stream_bytes(setup) if setup.method != "qlora" or not setup.prepare else 4
+    a_l = 2 if setup.autocast() else stream_bytes(setup) if setup.method != "qlora" or not setup.prepare else 4
+    kept = t * v * (4 if setup.autocast() else a_l) if setup.keep_outputs else 0
     return {"logits": t * v * a_l, "fp32 copy": 0 if a_l == 4 else t * v * 4, "log-softmax": t * v * 4,
-            "grad buffers": 2 * t * v * 4}
+            "grad buffers": 2 * t * v * 4, "kept": kept}
+
+
+def autocast_cast_bytes(setup: Setup, sh: Arch) -> dict[str, int]:
+    """16-bit copies of fp32 weights that autocast makes and autograd keeps for backward.
+
+    adapters: every fp32 lora_A/lora_B weight, cast once per forward (autocast caches casts of
+              weights that require grad until the forward ends): 2 bytes per adapter parameter
+    lm_head:  prepare_model_for_kbit_training upcast the output head to fp32; autocast runs it in
+              16 bits, and the cast copy (V x h x 2) stays saved until the head's backward
+    Example: autocast_cast_bytes(Setup(), shapes.of("llama-3.1-8b"))["lm_head"] -> 1_050_673_152 (128,256 x 4096 x 2)
+    """
+    if not setup.autocast() or setup.method == "full":
+        return {"adapters": 0, "lm_head": 0}
+    adapters = 2 * shapes.lora_parameter_count(sh, setup.r, setup.target_list()) if setup.adapter_dtype == "fp32" else 0
+    fp32_head = setup.method == "qlora" and setup.prepare
+    return {"adapters": adapters, "lm_head": 2 * sh.vocab * sh.hidden if fp32_head else 0}
 
 
 def layer_forward_temp_bytes(setup: Setup, sh: Arch) -> int:
@@ -416,71 +470,85 @@ class Estimate:
     shape: Arch  # the architecture's numbers
     terms: dict = field(default_factory=dict)  # bytes by term at the peak moment
     phases: dict = field(default_factory=dict)  # predicted allocated peak of each moment
-    peak_allocated_bytes: int = 0  # predicted torch.cuda.max_memory_allocated over a step
-    peak_phase: str = ""  # which moment sets the peak
+    peak_allocated_bytes: int = 0  # predicted torch.cuda.max_memory_allocated over a training step
+    peak_phase: str = ""  # which moment of the step sets that peak
+    run_peak_bytes: int = 0  # the whole run: loading (from_pretrained + prepare) and every step
+    run_peak_phase: str = ""  # which phase sets the whole run's peak ("load", "prepare" or a step's moment)
+    warnings: list = field(default_factory=list)  # setups that do not do what they seem to (each names the fix)
     paged_bytes: int = 0  # optimizer state in CUDA unified memory (not in the peak, can spill to CPU)
     overhead_bytes: int = 0  # CUDA context + allocator slack: add to compare with nvidia-smi
     params: dict = field(default_factory=dict)  # parameter counts (total, trainable)
 
     @property
     def device_bytes(self) -> int:
-        """What nvidia-smi would show at the peak: allocated + paged + overhead."""
-        return self.peak_allocated_bytes + self.paged_bytes + self.overhead_bytes
+        """What nvidia-smi would show at the run's peak: allocated + paged + overhead."""
+        return max(self.peak_allocated_bytes, self.run_peak_bytes) + self.paged_bytes + self.overhead_bytes
 
     def to_dict(self) -> dict:
         return {"peak_allocated_bytes": self.peak_allocated_bytes, "paged_bytes": self.paged_bytes,
                 "overhead_bytes": self.overhead_bytes, "device_bytes": self.device_bytes,
-                "peak_phase": self.peak_phase, "terms": dict(self.terms), "phases": dict(self.phases),
+                "peak_phase": self.peak_phase, "run_peak_bytes": self.run_peak_bytes,
+                "run_peak_phase": self.run_peak_phase, "warnings": list(self.warnings), "terms": dict(self.terms),
+                "phases": dict(self.phases),
                 "params": dict(self.params), "setup": asdict(self.setup), "model_shape": asdict(self.shape)}
 
     def table(self) -> str:
-        """The breakdown as a text table (what the CLI prints)."""
+        """The breakdown as a text table (what the CLI prints), with any warnings."""
         s = self.setup
         head = (f"{s.model}  {s.method}" + (f" {s.quant}{'+dq' if s.double_quant else ''}" if s.method == "qlora" else
                                             f" {s.resolved_base_dtype()}")
                 + (f"  r={s.r} targets={s.targets}" if s.method != "full" else "")
-                + f"  {s.optimizer}  batch={s.batch} seq={s.seq}  checkpointing={'on' if s.checkpointing else 'off'}")
+                + f"  {s.optimizer}  batch={s.batch} seq={s.seq}"
+                + (f" x{s.grad_accum} accumulated" if s.grad_accum > 1 else "")
+                + f"  checkpointing={'on' if s.checkpointing else 'off'}  mixed precision={s.precision()}")
         rows = [head, f"{'term':<22}{'GiB':>10}"]
         rows += [f"{k:<22}{v / GiB:>10.3f}" for k, v in self.terms.items()]
-        rows += [f"{'peak allocated':<22}{self.peak_allocated_bytes / GiB:>10.3f}   (at {self.peak_phase})",
+        rows += [f"{'peak allocated':<22}{self.peak_allocated_bytes / GiB:>10.3f}   (a step's peak, at {self.peak_phase})",
+                 f"{'whole run':<22}{self.run_peak_bytes / GiB:>10.3f}   (loading included, at {self.run_peak_phase})",
                  f"{'paged optimizer':<22}{self.paged_bytes / GiB:>10.3f}   (CUDA unified memory)",
                  f"{'CUDA overhead':<22}{self.overhead_bytes / GiB:>10.3f}   (context + allocator slack)",
                  f"{'device total':<22}{self.device_bytes / GiB:>10.3f}   (compare with nvidia-smi)",
                  f"trainable {self.params['trainable']:,} of {self.params['total']:,} parameters"]
-        return "\n".join(rows)
+        return "\n".join(rows + [f"warning: {w}" for w in self.warnings])
 
 
 def _phases(setup: Setup, sh: Arch, device: str = "cuda") -> dict[str, dict[str, int]]:
-    """Bytes by term at each candidate peak moment of a step."""
+    """Bytes by term at each candidate peak moment of a step (and of loading, see load_phases)."""
     t = setup.batch * setup.seq
     persistent = {"weights": weight_bytes(setup, sh), "quant_constants": quant_constant_bytes(setup, sh),
                   "lora_params": lora_bytes(setup, sh), "optimizer": optimizer_bytes(setup, sh)[0]}
     if device == "cuda":
         persistent["cuda_workspace"] = CUBLAS_WORKSPACE
-    acts = activation_bytes(setup, sh, device)
-    lg = logits_bytes(setup, sh)
+    acts, lg, casts = activation_bytes(setup, sh, device), logits_bytes(setup, sh), autocast_cast_bytes(setup, sh)
     grads = gradient_bytes(setup, sh)
+    kept_grads = grads if setup.grad_accum > 1 else 0  # earlier micro-batches' gradients, accumulating
     layer = layer_activation_bytes(setup, sh, device)["total"] * t
+    saved_casts = casts["adapters"] if not setup.checkpointing else casts["adapters"] // sh.layers  # recomputed layer
     phases = {
-        "forward": {**persistent, "activations": acts, "logits": lg["logits"] + lg["fp32 copy"] + lg["log-softmax"]},
-        "loss-backward": {**persistent, "activations": acts, "logits": lg["log-softmax"] + lg["grad buffers"]},
+        "forward": {**persistent, "activations": acts, "logits": lg["logits"] + lg["fp32 copy"] + lg["log-softmax"],
+                    "casts": casts["adapters"] + casts["lm_head"], "gradients": kept_grads},
+        "loss-backward": {**persistent, "activations": acts, "logits": lg["log-softmax"] + lg["grad buffers"] + lg["kept"],
+                          "casts": casts["lm_head"] + (0 if setup.checkpointing else casts["adapters"]),
+                          "gradients": kept_grads},
         # adapters: the top layer, all saved activations still alive (with checkpointing: plus its
         # recomputed activations); full fine-tuning: the bottom layer, every gradient already there
         "layer-backward": ({**persistent, "activations": acts + (layer if setup.checkpointing else 0),
-                            "temporaries": layer_backward_temp_bytes(setup, sh), "gradients": grads // sh.layers}
+                            "temporaries": layer_backward_temp_bytes(setup, sh), "logits": lg["kept"],
+                            "casts": saved_casts, "gradients": kept_grads + grads // sh.layers}
                            if setup.method != "full" else
                            {**persistent, "activations": layer, "temporaries": layer_backward_temp_bytes(setup, sh),
                             "gradients": grads}),
         "optimizer": {**persistent, "gradients": grads, "temporaries": optimizer_temp_bytes(setup, sh, device)},
     }
     if setup.checkpointing:  # inside a checkpointed layer's forward: only the checkpoints are kept
-        phases["layer-forward"] = {**persistent, "activations": acts, "temporaries": layer_forward_temp_bytes(setup, sh)}
+        phases["layer-forward"] = {**persistent, "activations": acts, "temporaries": layer_forward_temp_bytes(setup, sh),
+                                   "casts": casts["adapters"], "gradients": kept_grads}
     if setup.method == "full":
         # every weight has its gradient by the end of backward; a tied embedding's gradient arrives
         # twice (lm_head and embedding backward): one more V x h gradient and the sum of the two
         tied = 2 * _round(sh.vocab * sh.hidden * DTYPE_BYTES[setup.resolved_base_dtype()]) if sh.tied else 0
         phases["backward-end"] = {**persistent, "gradients": grads, "temporaries": tied}
-    return phases
+    return {name: {k: v for k, v in terms.items() if v} for name, terms in phases.items()}
 
 
 def estimate(model="llama-2-7b", device: str = "cuda", **kwargs) -> Estimate:
@@ -494,18 +562,65 @@ def estimate(model="llama-2-7b", device: str = "cuda", **kwargs) -> Estimate:
     sh = _arch(model)
     setup = Setup(model=model if isinstance(model, str) else sh.name, **kwargs)
     validate(setup, sh)
-    setup = replace(setup, optimizer=recipe.optimizer(setup.optimizer).name)  # aliases: one name in results
+    setup = replace(setup, optimizer=recipe.optimizer(setup.optimizer).name,  # aliases: one name in results
+                    mixed_precision=setup.precision())
     phases = _phases(setup, sh, device)
     totals = {name: sum(terms.values()) for name, terms in phases.items()}
     peak_phase = max(totals, key=totals.get)
+    run = {**load_phases(setup, sh), **totals}
+    run_phase = max(run, key=run.get)
     counts = shapes.parameter_counts(sh)
     trainable = (shapes.lora_parameter_count(sh, setup.r, setup.target_list()) if setup.method != "full"
                  else counts["total"])
     est = Estimate(setup=setup, shape=sh, terms=phases[peak_phase], phases=totals,
-                   peak_allocated_bytes=totals[peak_phase], peak_phase=peak_phase,
+                   peak_allocated_bytes=totals[peak_phase], peak_phase=peak_phase, run_peak_bytes=run[run_phase],
+                   run_peak_phase=run_phase, warnings=setup_warnings(setup),
                    paged_bytes=optimizer_bytes(setup, sh)[1],
                    params={"total": counts["total"] + trainable * (setup.method != "full"), "trainable": trainable})
-    est.overhead_bytes = CUDA_CONTEXT + int(ALLOCATOR_SLACK * est.peak_allocated_bytes) if device == "cuda" else 0
+    est.overhead_bytes = CUDA_CONTEXT + int(ALLOCATOR_SLACK * est.run_peak_bytes) if device == "cuda" else 0
     return est
+
+
+def load_phases(setup: Setup, sh: Arch) -> dict[str, int]:
+    """Allocated peaks of getting the model onto the GPU, before the first step.
+
+    load     from_pretrained of a 16-bit checkpoint, quantized on the way in: the model as
+             loaded (unquantized parts in the compute dtype) plus the 16-bit copy of the largest
+             linear weight being quantized, and bitsandbytes' temporaries (~1.5x that copy)
+    prepare  prepare_model_for_kbit_training upcasts each 16-bit parameter to fp32 in turn: the
+             prepared model plus the 16-bit original of the largest one (the V x h embedding)
+    A 16-bit LoRA base only loads. Random shapes built layer by layer (models.build_random_model)
+    peak lower than from_pretrained; the lab measures both paths.
+    Example: load_phases(Setup(), shapes.of("llama-2-7b"))["prepare"] / 2**30 -> ~4.1
+    """
+    largest = max(d_in * d_out for d_in, d_out in shapes.linears(sh).values())
+    loaded = replace(setup, prepare=False)
+    base = weight_bytes(loaded, sh) + quant_constant_bytes(setup, sh)
+    if setup.method != "qlora":
+        return {"load": base}
+    phases = {"load": base + int(2.5 * largest)}
+    if setup.prepare:
+        phases["prepare"] = weight_bytes(setup, sh) + quant_constant_bytes(setup, sh) + 2 * sh.vocab * sh.hidden
+    return phases
+
+
+def setup_warnings(setup: Setup) -> list[str]:
+    """Setups that do not do what they seem to, each with the fix.
+
+    Example: setup_warnings(Setup(checkpointing=False))[0] -> "prepare_model_for_kbit_training(model) turns ..."
+    """
+    out = []
+    if setup.method == "qlora" and setup.prepare and not setup.checkpointing:
+        out.append("prepare_model_for_kbit_training(model) turns gradient checkpointing ON by default, and "
+                   "TrainingArguments(gradient_checkpointing=False) does not turn it off: call it with "
+                   "use_gradient_checkpointing=False, or this 'no checkpointing' run will checkpoint (lab 01 measures "
+                   "the pair).")
+    if setup.autocast() and setup.method == "qlora" and setup.precision() != setup.compute_dtype:
+        out.append(f"mixed precision {setup.mixed_precision} with a {setup.compute_dtype} compute dtype: autocast runs "
+                   f"the adapters and attention in {setup.mixed_precision} while every 4-bit layer casts its input to "
+                   f"{setup.compute_dtype} and back, so two 16-bit types meet in every layer (and fp16 can overflow "
+                   f"where bf16 would not). Use the same dtype for both: bf16=True with bnb_4bit_compute_dtype="
+                   f"torch.bfloat16 where the GPU supports it, fp16=True with float16 on a T4 or V100.")
+    return out
 
 

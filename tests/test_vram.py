@@ -63,12 +63,18 @@ def test_optimizer_state_by_hand():
 
 
 def test_logits_terms_by_hand():
-    setup = vram.Setup(batch=2, seq=100)
-    lg = vram.logits_bytes(setup, LLAMA7)
-    assert lg == {"logits": 200 * 32000 * 4, "fp32 copy": 0, "log-softmax": 200 * 32000 * 4,
-                  "grad buffers": 2 * 200 * 32000 * 4}
-    lg16 = vram.logits_bytes(vram.Setup(method="lora", batch=2, seq=100), LLAMA7)
+    no_autocast = vram.Setup(batch=2, seq=100, mixed_precision="no")
+    assert vram.logits_bytes(no_autocast, LLAMA7) == {"logits": 200 * 32000 * 4, "fp32 copy": 0, "log-softmax": 200 * 32000 * 4,
+                                                      "grad buffers": 2 * 200 * 32000 * 4, "kept": 0}
+    lg16 = vram.logits_bytes(vram.Setup(method="lora", batch=2, seq=100, mixed_precision="no"), LLAMA7)
     assert lg16["logits"] == 200 * 32000 * 2 and lg16["fp32 copy"] == 200 * 32000 * 4
+    # Trainer's bf16=True: autocast runs the fp32 head in bf16 (bf16 logits, an fp32 copy); the returned logits are
+    # converted to fp32, and a loop that keeps them holds that copy through backward
+    bf16 = vram.logits_bytes(vram.Setup(batch=2, seq=100, keep_outputs=True), LLAMA7)
+    assert (bf16["logits"], bf16["fp32 copy"], bf16["kept"]) == (200 * 32000 * 2, 200 * 32000 * 4, 200 * 32000 * 4)
+    casts = vram.autocast_cast_bytes(vram.Setup(r=16), LLAMA7)
+    assert casts == {"adapters": 2 * 39_976_960, "lm_head": 2 * 32000 * 4096}
+    assert vram.autocast_cast_bytes(vram.Setup(r=16, mixed_precision="no"), LLAMA7) == {"adapters": 0, "lm_head": 0}
 
 
 def test_layer_activations_by_hand():
@@ -86,9 +92,11 @@ def test_layer_activations_by_hand():
 
 def test_attention_falls_back_to_scores_for_fp32_gqa_on_cuda():
     mistral, llama2 = shapes.of("mistral-7b"), shapes.of("llama-2-7b")
-    assert vram.attention_kernel(vram.Setup(model="mistral-7b"), mistral) == "scores"
-    assert vram.attention_kernel(vram.Setup(model="mistral-7b"), mistral, device="cpu") == "fused"
-    assert vram.attention_kernel(vram.Setup(model="mistral-7b", method="lora"), mistral) == "fused"
+    no_autocast = vram.Setup(model="mistral-7b", mixed_precision="no")
+    assert vram.attention_kernel(no_autocast, mistral) == "scores"
+    assert vram.attention_kernel(no_autocast, mistral, device="cpu") == "fused"
+    assert vram.attention_kernel(vram.Setup(model="mistral-7b", method="lora", mixed_precision="no"), mistral) == "fused"
+    assert vram.attention_kernel(vram.Setup(model="mistral-7b"), mistral) == "fused"  # bf16 autocast: flash attention
     assert vram.attention_kernel(vram.Setup(), llama2) == "fused"
     assert vram.attention_kernel(vram.Setup(attn="eager"), llama2) == "scores"
 
@@ -147,7 +155,8 @@ def test_cli_json(capsys):
     assert main(["vram", "--model", "llama-2-7b", "--method", "qlora", "--batch", "4", "--seq", "512", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["peak_allocated_bytes"] == vram.estimate("llama-2-7b", batch=4, seq=512).peak_allocated_bytes
-    assert {"weights", "quant_constants", "lora_params", "gradients", "optimizer", "activations"} <= set(out["terms"])
+    assert {"weights", "quant_constants", "lora_params", "optimizer", "activations", "logits"} <= set(out["terms"])
+    assert sum(out["terms"].values()) == out["peak_allocated_bytes"]
     assert {"paged_bytes", "overhead_bytes"} <= set(out)
     assert main(["vram", "--model", "llama-2-7b", "--batch", "0"]) == 2
     assert "batch must be a positive integer" in capsys.readouterr().err
@@ -160,7 +169,7 @@ def test_estimate_matches_recorded_h100_peaks():
     """Within 10 % of every measured peak, median within 5 % (recorded H100 run; see meta)."""
     errors = []
     for row in GPU_DATA["measurements"]:
-        predicted = vram.estimate(**row["config"]).peak_allocated_bytes
+        predicted = vram.estimate(**{"mixed_precision": "no", **row["config"]}).peak_allocated_bytes  # a loop, no autocast
         errors.append(abs(predicted / row["peak_allocated_bytes"] - 1))
     assert len(errors) >= 12
     assert max(errors) <= 0.10 and statistics.median(errors) <= 0.05, errors

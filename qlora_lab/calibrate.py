@@ -1,0 +1,127 @@
+"""The calculator against measurements: the configurations lab 01 measures, and the comparison.
+
+`GRIDS` holds the configurations per profile. On a GPU ("gpu") they are the runs users
+launch: transformers' `Trainer` with bf16=True (accelerate's autocast), gradient
+accumulation, Trainer's optimizer names, 0.5B to 70B shapes, sequences of 512 to 8192
+tokens, adapters on q,v or on every linear layer; plus a few runs without autocast, a few
+hand-written loops that keep the model's outputs through backward ("path": "loop"), and a
+few bases loaded with from_pretrained from a 16-bit checkpoint saved to disk ("checkpoint").
+On a CPU the same machinery runs on small shapes, measured as live tensor bytes.
+`compare` measures each configuration and puts the calculator's prediction beside it.
+
+Shortcut: random weights (memory does not depend on values); two or three steps per run.
+"""
+
+import tempfile
+from dataclasses import asdict
+
+import torch
+from tqdm.auto import tqdm
+
+from qlora_lab import measure, models, vram
+
+GUIDE = dict(model="llama-3.1-8b", method="qlora", r=16, lora_dropout=0.05, batch=4, seq=512, grad_accum=4,
+             optimizer="paged_adamw_8bit", mixed_precision="bf16")  # the QLoRA guides' complete training example
+GRIDS = {
+    "gpu": [
+        {**GUIDE, "label": "guide recipe"},
+        dict(model="qwen2.5-0.5b", method="qlora", r=16, batch=8, seq=1024, optimizer="adamw_torch"),
+        dict(model="llama-3.2-1b", method="qlora", r=64, batch=16, seq=512, grad_accum=2, optimizer="paged_adamw_32bit"),
+        dict(model="llama-3.2-1b", method="lora", r=8, targets=("q_proj", "v_proj"), batch=4, seq=1024, checkpointing=False),
+        dict(model="smollm2-1.7b", method="qlora", r=32, batch=2, seq=2048, optimizer="paged_adamw_8bit"),
+        dict(model="mistral-7b", method="qlora", r=16, batch=2, seq=2048, optimizer="paged_adamw_8bit"),
+        dict(model="mistral-7b", method="qlora", r=8, targets=("q_proj", "v_proj"), batch=1, seq=8192,
+             optimizer="adamw_torch_fused"),
+        dict(model="qwen2.5-7b", method="qlora", r=16, batch=4, seq=512, grad_accum=2, optimizer="paged_adamw_8bit"),
+        dict(model="qwen2.5-7b", method="qlora", r=64, batch=1, seq=4096, optimizer="adamw_torch"),
+        dict(model="llama-2-7b", method="qlora", r=16, batch=8, seq=512, checkpointing=False, prepare=False,
+             optimizer="paged_adamw_8bit"),
+        dict(model="llama-2-7b", method="lora", r=16, batch=2, seq=1024, optimizer="adamw_torch"),
+        dict(model="llama-3.1-8b", method="qlora", r=64, batch=1, seq=8192, optimizer="paged_adamw_8bit"),
+        dict(model="llama-3.1-8b", method="qlora", r=16, batch=16, seq=512, grad_accum=2, optimizer="paged_adamw_8bit"),
+        dict(model="llama-3.1-8b", method="lora", r=16, batch=2, seq=512, optimizer="adamw_torch_fused"),
+        dict(model="llama-2-13b", method="qlora", r=16, batch=4, seq=1024, optimizer="paged_adamw_8bit"),
+        dict(model="llama-3.1-70b", method="qlora", r=16, batch=1, seq=1024, optimizer="paged_adamw_8bit"),
+        {**GUIDE, "mixed_precision": "no", "label": "guide recipe, no autocast"},
+        dict(model="mistral-7b", method="qlora", r=16, batch=2, seq=1024, mixed_precision="no",
+             optimizer="paged_adamw_8bit"),
+        {**GUIDE, "grad_accum": 1, "keep_outputs": True, "path": "loop", "label": "loop keeping outputs, bf16"},
+        dict(model="llama-2-7b", method="qlora", r=16, batch=4, seq=1024, keep_outputs=True, mixed_precision="no",
+             path="loop"),
+        dict(model="qwen2.5-0.5b", method="qlora", r=16, batch=4, seq=512, checkpoint=True),
+        dict(model="llama-3.2-1b", method="qlora", r=16, batch=2, seq=1024, checkpoint=True),
+        dict(model="smollm2-1.7b", method="qlora", r=16, batch=4, seq=512, checkpoint=True, optimizer="paged_adamw_8bit"),
+    ],
+    "cpu": [
+        dict(model="smollm2-135m", method="qlora", batch=2, seq=64, r=16),
+        dict(model="smollm2-135m", method="qlora", batch=2, seq=64, r=16, checkpointing=False, mixed_precision="no",
+             path="loop"),
+        dict(model="smollm2-135m", method="lora", batch=2, seq=64, r=8, checkpointing=False),
+        dict(model="smollm2-135m", method="qlora", batch=1, seq=128, r=64, targets=("q_proj", "v_proj"), checkpointing=False,
+             grad_accum=2),
+        dict(model="smollm2-135m", method="qlora", batch=2, seq=64, r=16, lora_dropout=0.1, checkpointing=False),
+        dict(model="smollm2-135m", method="qlora", batch=2, seq=64, r=16, attn="eager", checkpointing=False, path="loop"),
+        dict(model="smollm2-135m", method="full", base_dtype="bf16", batch=2, seq=64, mixed_precision="no", path="loop"),
+        dict(model="smollm2-135m", method="qlora", batch=2, seq=64, r=16, keep_outputs=True, path="loop"),
+    ],
+    "cpu-small": [dict(model="smollm2-135m", method="qlora", batch=1, seq=64, r=16),
+                  dict(model="smollm2-135m", method="lora", batch=1, seq=64, r=8, checkpointing=False, mixed_precision="no",
+                       path="loop")],
+}
+
+
+def label(config: dict) -> str:
+    """A configuration's short name. Example: label(GRIDS["cpu-small"][0]) -> "smollm2-135m qlora b1x64 bf16" """
+    extra = f" ga{config['grad_accum']}" if config.get("grad_accum", 1) > 1 else ""
+    precision = _setup(config).precision()
+    return config.get("label") or (f"{config['model']} {config['method']} b{config['batch']}x{config['seq']}{extra} "
+                                   f"{precision}"
+                                   + (" loop" if config.get("path") == "loop" else "")
+                                   + (" from_pretrained" if config.get("checkpoint") else ""))
+
+
+def _setup(config: dict) -> vram.Setup:
+    """The vram.Setup of a grid entry (its other keys say how to measure it)."""
+    return vram.Setup(**{k: v for k, v in config.items() if k not in ("label", "path", "checkpoint")})
+
+
+def measure_config(config: dict, device: str):
+    """Measure one configuration the way it says: Trainer (default), a hand loop, or from_pretrained first."""
+    setup = _setup(config)
+    if config.get("path") == "loop":
+        return measure.measure(setup, steps=3, device=device)
+    if not config.get("checkpoint"):
+        return measure.measure_trainer(setup, steps=2, device=device)
+    with tempfile.TemporaryDirectory(prefix="qlora-lab-ckpt-") as directory:
+        models.save_random_checkpoint(setup.model, directory)  # 16-bit shards on disk, as a hub model arrives
+        return measure.measure_trainer(setup, steps=2, device=device, checkpoint=directory)
+
+
+def compare(configs: list[dict], device: str, progress: bool = True) -> list[dict]:
+    """Measure each configuration and put the calculator's prediction beside it; an out-of-memory is a row too.
+
+    Rows: label, config, measured and predicted peak bytes (the step peak; with a checkpoint the
+    whole run's, loading included), error (predicted / measured - 1), phase peaks on both sides,
+    paged and device-level bytes, what the measured number is (memory_kind).
+    Example: compare(GRIDS["cpu-small"], "cpu")[0]["error"] -> 0.001
+    """
+    rows = []
+    for config in tqdm(configs, desc=f"measuring on {device}", unit="config", disable=not progress):
+        predicted = vram.estimate(device=device, **asdict(_setup(config)))
+        row = {"label": label(config), "config": config, "predicted_phases": predicted.phases,
+               "predicted_paged": predicted.paged_bytes, "predicted_device": predicted.device_bytes}
+        try:
+            result = measure_config(config, device)
+        except torch.cuda.OutOfMemoryError as err:
+            rows.append({**row, "error_text": str(err).splitlines()[0]})
+            continue
+        whole_run = bool(config.get("checkpoint"))
+        predicted_peak = predicted.run_peak_bytes if whole_run else predicted.peak_allocated_bytes
+        measured_peak = max([result.peak_allocated_bytes] + [result.phase_peaks.get(p, 0) for p in ("load", "prepare")]) \
+            if whole_run else result.peak_allocated_bytes
+        rows.append({**row, "measured": measured_peak, "predicted": predicted_peak,
+                     "error": predicted_peak / measured_peak - 1,
+                     "measured_phases": result.phase_peaks, "step_peaks": result.step_peaks,
+                     "reserved": result.peak_reserved_bytes, "device_used": result.device_used_bytes,
+                     "paged": result.paged_bytes, "memory_kind": result.memory_kind})
+    return rows
