@@ -232,20 +232,25 @@ def measure(setup, steps: int = 2, device: str | None = None, seed: int = 0, tim
     if steps < 2:
         raise ValueError("measure needs at least 2 steps: the first creates the optimizer state")
     device = torch.device(device or recipe.default_device())
-    _release(device)  # tensors of earlier runs held only by reference cycles must not count as this one's
+    baseline = _release(device)  # tensors of earlier runs must not count as this one's
     model, optimizer = build(setup, str(device), seed)
-    result = measure_steps(model, optimizer, setup, steps, seed, timeline)
+    result = measure_steps(model, optimizer, setup, steps, seed, timeline, baseline)
     del model, optimizer
     _release(device)
     return result
 
 
-def _release(device: torch.device) -> None:
+def _release(device: torch.device) -> int:
+    """Free what earlier runs left (cycles, cached blocks, cuBLAS's workspace, which the next run re-creates and the
+    calculator counts); return the bytes still allocated (tensors someone else holds), to subtract from readings."""
     gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    if device.type != "cuda":
+        return 0
+    torch.cuda.synchronize()
+    torch._C._cuda_clearCublasWorkspaces()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
 
 
 def train_step(model, optimizer, input_ids: torch.Tensor, mark=lambda phase: None, keep_outputs: bool = False,
@@ -273,9 +278,13 @@ def train_step(model, optimizer, input_ids: torch.Tensor, mark=lambda phase: Non
 
 
 class CudaMemory:
-    """Reads PyTorch's CUDA allocator phase by phase: the peak within each phase and what is left after it."""
+    """Reads PyTorch's CUDA allocator phase by phase: the peak within each phase and what is left after it,
+    less `baseline`, the bytes other runs' tensors held before this one started."""
 
     kind = CUDA_ALLOCATED
+
+    def __init__(self, baseline: int = 0):
+        self.baseline = baseline
 
     def __enter__(self):
         torch.cuda.synchronize()
@@ -283,14 +292,14 @@ class CudaMemory:
         return self
 
     def current(self) -> int:
-        return torch.cuda.memory_allocated()
+        return torch.cuda.memory_allocated() - self.baseline
 
     def read(self) -> tuple[int, int]:
         """(peak since the last read, allocated now)"""
         torch.cuda.synchronize()
         peak, now = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        return peak, now
+        return peak - self.baseline, now - self.baseline
 
     def __exit__(self, *exc):
         return False
@@ -321,11 +330,13 @@ class CpuLiveTensors:
         return self.live.__exit__(*exc)
 
 
-def measure_steps(model, optimizer, setup, steps: int = 2, seed: int = 0, timeline: bool = False) -> Measurement:
-    """Like `measure`, on a model and optimizer from `build` (kept alive, e.g. to inspect them after)."""
+def measure_steps(model, optimizer, setup, steps: int = 2, seed: int = 0, timeline: bool = False,
+                  baseline: int = 0) -> Measurement:
+    """Like `measure`, on a model and optimizer from `build` (kept alive, e.g. to inspect them after);
+    baseline: CUDA bytes that belong to other runs, subtracted from every reading."""
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
-    after_load = torch.cuda.memory_allocated() if cuda else owned_tensor_bytes(model)
+    after_load = torch.cuda.memory_allocated() - baseline if cuda else owned_tensor_bytes(model)
     vocab = model.config.vocab_size if hasattr(model, "config") else model.base_model.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, vocab, (setup.batch, setup.seq), generator=gen).to(device)  # (batch, seq)
@@ -334,7 +345,7 @@ def measure_steps(model, optimizer, setup, steps: int = 2, seed: int = 0, timeli
         train_step(model, optimizer, input_ids, keep_outputs=keep, grad_accum=accum)
     result = Measurement(device=device.type, peak_allocated_bytes=0, paged_bytes=paged_state_bytes(optimizer),
                          setup=asdict(setup), after={"load": after_load})
-    reader = CudaMemory() if cuda else CpuLiveTensors(owned_tensor_bytes(model, optimizer, input_ids))
+    reader = CudaMemory(baseline) if cuda else CpuLiveTensors(owned_tensor_bytes(model, optimizer, input_ids))
     result.memory_kind = reader.kind
     phase = ["forward"]  # the phase the timeline hooks are in
 
@@ -343,7 +354,7 @@ def measure_steps(model, optimizer, setup, steps: int = 2, seed: int = 0, timeli
         result.phase_peaks[name] = max(peak, result.phase_peaks.get(name, 0))  # over every micro-batch
         phase[0] = "backward" if name == "forward" else "forward"
 
-    handles = _timeline_hooks(model, result.timeline, phase, torch.cuda.memory_allocated) if timeline and cuda else []
+    handles = _timeline_hooks(model, result.timeline, phase, reader.current) if timeline and cuda else []
     start = time.perf_counter()
     with reader:
         result.after["start"] = reader.current()
@@ -362,7 +373,7 @@ def measure_steps(model, optimizer, setup, steps: int = 2, seed: int = 0, timeli
 
 
 def try_measure_steps(model, optimizer, setup, steps: int = 3, cap_gib: float | None = None,
-                      timeline: bool = False) -> tuple[Measurement | None, str | None]:
+                      timeline: bool = False, baseline: int = 0) -> tuple[Measurement | None, str | None]:
     """measure_steps with an out-of-memory recorded, not raised: (measurement, None) or (None, first line of the error).
 
     cap_gib caps PyTorch's allocator at that many GiB for this run (a smaller card, as far as
@@ -373,7 +384,7 @@ def try_measure_steps(model, optimizer, setup, steps: int = 3, cap_gib: float | 
     try:
         if cap_gib:
             torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
-        return measure_steps(model, optimizer, setup, steps=steps, timeline=timeline), None
+        return measure_steps(model, optimizer, setup, steps=steps, timeline=timeline, baseline=baseline), None
     except torch.cuda.OutOfMemoryError as err:
         optimizer.zero_grad(set_to_none=True)
         return None, str(err).splitlines()[0]
@@ -385,8 +396,9 @@ def try_measure_steps(model, optimizer, setup, steps: int = 3, cap_gib: float | 
 class _StepPeaks(TrainerCallback):
     """Records the peak memory of every optimizer step Trainer takes (CUDA allocator, or live tensors on a CPU)."""
 
-    def __init__(self, cuda: bool):
+    def __init__(self, cuda: bool, baseline: int = 0):
         self.cuda = cuda
+        self.baseline = baseline  # CUDA bytes other runs' tensors hold
         self.peaks: list[int] = []  # one per step, in order
         self.live = None
 
@@ -402,7 +414,7 @@ class _StepPeaks(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.cuda:
             torch.cuda.synchronize()
-            self.peaks.append(torch.cuda.max_memory_allocated())
+            self.peaks.append(torch.cuda.max_memory_allocated() - self.baseline)
         else:
             self.live.__exit__(None, None, None)
             self.peaks.append(self.base + self.live.peak)
@@ -422,10 +434,11 @@ def measure_trainer(setup, steps: int = 3, device: str | None = None, seed: int 
     Example: measure_trainer(vram.Setup(model="smollm2-135m", batch=2, seq=128), device="cpu").step_peaks
     """
     device = torch.device(device or recipe.default_device())
-    _release(device)
+    baseline = _release(device)
     phases = {}
     if checkpoint or prepare_defaults:
         model, phases = _load_and_prepare(setup, str(device), checkpoint, prepare_defaults, seed)
+        phases = {k: v - baseline for k, v in phases.items()}
     else:
         model, _ = build(setup, str(device), seed, wrap_mixed_precision=False)
     vocab = model.base_model.config.vocab_size
@@ -439,7 +452,7 @@ def measure_trainer(setup, steps: int = 3, device: str | None = None, seed: int 
         gradient_checkpointing_kwargs={"use_reentrant": False}, optim=optim, optim_args=optim_args or None,
         learning_rate=1e-4, weight_decay=0.0, logging_steps=10**6, save_strategy="no", report_to="none",
         use_cpu=device.type == "cpu", remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True)
-    callback = _StepPeaks(device.type == "cuda")
+    callback = _StepPeaks(device.type == "cuda", baseline)
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}),
                       callbacks=[callback])
     trainer.remove_callback(PrinterCallback)  # no log lines in the lab's output
@@ -453,6 +466,8 @@ def measure_trainer(setup, steps: int = 3, device: str | None = None, seed: int 
         result.peak_reserved_bytes = torch.cuda.max_memory_reserved()
         free, total = torch.cuda.mem_get_info()
         result.device_used_bytes = total - free
+    trainer.accelerator.free_memory()  # accelerate keeps references to the model and optimizer it prepared
+    trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
     del trainer, model
     _release(device)
     return result
@@ -490,7 +505,7 @@ def measure_variants(setup, variants: dict[str, dict], steps: int = 3, timeline:
     "build_seconds", "storage"}}; an out-of-memory is a result (see try_measure_steps).
     Example: measure_variants(vram.Setup("llama-65b", r=64), {"paper": {}, "48 GiB": {"cap_gib": 48}})
     """
-    _release(torch.device("cuda"))
+    baseline = _release(torch.device("cuda"))
     start = time.perf_counter()
     model, optimizer = build(setup, "cuda")
     common = {"build_seconds": time.perf_counter() - start, "storage": quant.model_storage(model)}
@@ -503,7 +518,7 @@ def measure_variants(setup, variants: dict[str, dict], steps: int = 3, timeline:
             cast_adapters(model, variant.adapter_dtype)
             adapter_dtype, optimizer = variant.adapter_dtype, recipe.make_optimizer(variant.optimizer,
                                                                                     lora.trainable_parameters(model))
-        result, error = try_measure_steps(model, optimizer, variant, steps, cap_gib, timeline)
+        result, error = try_measure_steps(model, optimizer, variant, steps, cap_gib, timeline, baseline)
         runs[label] = {"result": result, "error": error, "prediction": vram.estimate(**asdict(variant)),
                        "setup": variant, "cap_gib": cap_gib, **common}
     del model, optimizer

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora_lab import budget, measure, models, shapes, vram
+from qlora_lab import budget, measure, models, shapes, terms, vram
 
 GPU_DATA = json.loads((Path(__file__).parent / "data" / "h100_training_peaks.json").read_text())
 LLAMA7 = shapes.of("llama-2-7b")
@@ -29,17 +29,17 @@ def test_shape_from_a_transformers_config():
 
 def test_weights_by_hand():
     # 16-bit LoRA: every parameter in 2 bytes
-    assert vram.weight_bytes(vram.Setup(method="lora"), LLAMA7) == 6_738_415_616 * 2
+    assert terms.weight_bytes(vram.Setup(method="lora"), LLAMA7) == 6_738_415_616 * 2
     # QLoRA NF4: half a byte per linear weight + fp32 embeddings, lm_head and norms
     linear = 32 * (4096 * 4096 * 4 + 4096 * 11008 * 3)
     fp32 = (2 * 32000 * 4096 + 65 * 4096) * 4
-    assert vram.weight_bytes(vram.Setup(method="qlora"), LLAMA7) == pytest.approx(linear / 2 + fp32, abs=32 * 7 * 512)
+    assert terms.weight_bytes(vram.Setup(method="qlora"), LLAMA7) == pytest.approx(linear / 2 + fp32, abs=32 * 7 * 512)
 
 
 def test_quant_constants_are_the_papers_bits_per_weight():
     linear = 32 * (4096 * 4096 * 4 + 4096 * 11008 * 3)
-    dq = vram.quant_constant_bytes(vram.Setup(double_quant=True), LLAMA7) * 8 / linear
-    plain = vram.quant_constant_bytes(vram.Setup(double_quant=False), LLAMA7) * 8 / linear
+    dq = terms.quant_constant_bytes(vram.Setup(double_quant=True), LLAMA7) * 8 / linear
+    plain = terms.quant_constant_bytes(vram.Setup(double_quant=False), LLAMA7) * 8 / linear
     assert dq == pytest.approx(8 / 64 + 32 / (64 * 256), abs=1e-3)  # 0.127 bits
     assert plain == pytest.approx(32 / 64, abs=1e-3)  # 0.5 bits
 
@@ -53,52 +53,59 @@ def test_lora_parameters_by_hand():
 
 def test_optimizer_state_by_hand():
     setup = vram.Setup(r=16, optimizer="adamw")
-    assert vram.optimizer_bytes(setup, LLAMA7) == (2 * 4 * 39_976_960, 0)  # two fp32 moments (all tensors 512-aligned)
-    eight = vram.optimizer_bytes(vram.Setup(r=16, optimizer="adamw_8bit"), LLAMA7)[0]
+    assert terms.optimizer_bytes(setup, LLAMA7) == (2 * 4 * 39_976_960, 0)  # two fp32 moments (all tensors 512-aligned)
+    eight = terms.optimizer_bytes(vram.Setup(r=16, optimizer="adamw_8bit"), LLAMA7)[0]
     assert 2 * 39_976_960 < eight < 2.1 * 39_976_960  # one byte per moment + block scales
-    alloc, paged = vram.optimizer_bytes(vram.Setup(r=64, optimizer="paged_adamw_32bit"), LLAMA7)
+    alloc, paged = terms.optimizer_bytes(vram.Setup(r=64, optimizer="paged_adamw_32bit"), LLAMA7)
     # A: 64 x 4096 = 262,144 elements >= 1e5 -> paged; every tensor here is paged
     assert paged == 2 * 4 * shapes.lora_parameter_count(LLAMA7, 64) and alloc == 0
-    assert vram.optimizer_bytes(vram.Setup(optimizer="sgd"), LLAMA7) == (0, 0)
+    assert terms.optimizer_bytes(vram.Setup(optimizer="sgd"), LLAMA7) == (0, 0)
 
 
 def test_logits_terms_by_hand():
     no_autocast = vram.Setup(batch=2, seq=100, mixed_precision="no")
-    assert vram.logits_bytes(no_autocast, LLAMA7) == {"logits": 200 * 32000 * 4, "fp32 copy": 0, "log-softmax": 200 * 32000 * 4,
-                                                      "grad buffers": 2 * 200 * 32000 * 4, "kept": 0}
-    lg16 = vram.logits_bytes(vram.Setup(method="lora", batch=2, seq=100, mixed_precision="no"), LLAMA7)
+    assert terms.logits_bytes(no_autocast, LLAMA7) == {"logits": 200 * 32000 * 4, "fp32 copy": 0,
+                                                       "log-softmax": 200 * 32000 * 4,
+                                                       "grad buffers": 2 * 200 * 32000 * 4, "kept": 0}
+    lg16 = terms.logits_bytes(vram.Setup(method="lora", batch=2, seq=100, mixed_precision="no"), LLAMA7)
     assert lg16["logits"] == 200 * 32000 * 2 and lg16["fp32 copy"] == 200 * 32000 * 4
     # Trainer's bf16=True: autocast runs the fp32 head in bf16 (bf16 logits, an fp32 copy); the returned logits are
     # converted to fp32, and a loop that keeps them holds that copy through backward
-    bf16 = vram.logits_bytes(vram.Setup(batch=2, seq=100, keep_outputs=True), LLAMA7)
+    bf16 = terms.logits_bytes(vram.Setup(batch=2, seq=100, keep_outputs=True), LLAMA7)
     assert (bf16["logits"], bf16["fp32 copy"], bf16["kept"]) == (200 * 32000 * 2, 200 * 32000 * 4, 200 * 32000 * 4)
-    casts = vram.autocast_cast_bytes(vram.Setup(r=16), LLAMA7)
+    casts = terms.autocast_cast_bytes(vram.Setup(r=16), LLAMA7)
     assert casts == {"adapters": 2 * 39_976_960, "lm_head": 2 * 32000 * 4096}
-    assert vram.autocast_cast_bytes(vram.Setup(r=16, mixed_precision="no"), LLAMA7) == {"adapters": 0, "lm_head": 0}
+    assert terms.autocast_cast_bytes(vram.Setup(r=16, mixed_precision="no"), LLAMA7) == {"adapters": 0, "lm_head": 0}
 
 
 def test_layer_activations_by_hand():
     sh = shapes.of("smollm2-135m")  # h 576, q 576, kv 192, I 1536, 9 heads
-    qlora = vram.layer_activation_bytes(vram.Setup(model="smollm2-135m", r=16), sh, device="cpu")
+    qlora = terms.layer_activation_bytes(vram.Setup(model="smollm2-135m", r=16, mixed_precision="no"), sh, device="cpu")
     # fp32 stream: norms 2(4h+4), attention 4(2q+2kv)+4*9, MLP 3*4I, shared adapter inputs h (qkv) + h (gate/up)
     # + I (down) in fp32, lora_B inputs 7 * 4r
     assert qlora["total"] == 2 * (4 * 576 + 4) + 4 * (2 * 576 + 2 * 192) + 36 + 12 * 1536 + 4 * (576 + 576 + 1536) + 7 * 64
-    lora = vram.layer_activation_bytes(vram.Setup(model="smollm2-135m", method="lora", r=16), sh, device="cpu")
+    lora = terms.layer_activation_bytes(vram.Setup(model="smollm2-135m", method="lora", r=16, mixed_precision="no"), sh,
+                                       device="cpu")
     # bf16 stream: each of the 7 adapters keeps its own fp32 copy of its input
     assert lora["inputs"] == 4 * (5 * 576 + 576 + 1536) + 7 * 64
-    with_ckpt = vram.activation_bytes(vram.Setup(model="smollm2-135m", batch=3, seq=10), sh)
+    # bf16 autocast (measured tensor by tensor with saved-tensor hooks): q, k, v and the output saved in bf16, and
+    # every adapter its own bf16 copy of its input (o_proj's too), lora_B a bf16 r-wide input
+    bf16 = terms.layer_activation_bytes(vram.Setup(model="smollm2-135m", r=16), sh, device="cpu")
+    assert bf16["attention"] == 2 * (2 * 576 + 2 * 192) + 36
+    assert bf16["inputs"] == 2 * (6 * 576 + 1536) + 7 * 2 * 16  # q k v o gate up: 576 wide, down: 1536
+    with_ckpt = terms.activation_bytes(vram.Setup(model="smollm2-135m", batch=3, seq=10), sh)
     assert with_ckpt == 30 * (30 * 4 * 576 + 4 * 576 + 4)  # one fp32 hidden state per layer + final norm
 
 
 def test_attention_falls_back_to_scores_for_fp32_gqa_on_cuda():
     mistral, llama2 = shapes.of("mistral-7b"), shapes.of("llama-2-7b")
     no_autocast = vram.Setup(model="mistral-7b", mixed_precision="no")
-    assert vram.attention_kernel(no_autocast, mistral) == "scores"
-    assert vram.attention_kernel(no_autocast, mistral, device="cpu") == "fused"
-    assert vram.attention_kernel(vram.Setup(model="mistral-7b", method="lora", mixed_precision="no"), mistral) == "fused"
-    assert vram.attention_kernel(vram.Setup(model="mistral-7b"), mistral) == "fused"  # bf16 autocast: flash attention
-    assert vram.attention_kernel(vram.Setup(), llama2) == "fused"
-    assert vram.attention_kernel(vram.Setup(attn="eager"), llama2) == "scores"
+    assert terms.attention_kernel(no_autocast, mistral) == "scores"
+    assert terms.attention_kernel(no_autocast, mistral, device="cpu") == "fused"
+    assert terms.attention_kernel(vram.Setup(model="mistral-7b", method="lora", mixed_precision="no"), mistral) == "fused"
+    assert terms.attention_kernel(vram.Setup(model="mistral-7b"), mistral) == "fused"  # bf16 autocast: flash attention
+    assert terms.attention_kernel(vram.Setup(), llama2) == "fused"
+    assert terms.attention_kernel(vram.Setup(attn="eager"), llama2) == "scores"
 
 
 def test_checkpointing_and_size_move_the_peak_the_right_way():
@@ -162,7 +169,12 @@ def test_cli_json(capsys):
     assert "batch must be a positive integer" in capsys.readouterr().err
     assert main(["vram", "--model", "llama-2-7b", "--targets", "q_proj,v_proj", "--no-checkpointing",
                  "--optimizer", "paged_adamw_8bit", "--gpu", "T4 16GB"]) == 0
-    assert "fits T4 16GB" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "T4 16GB: fits 15.0 GiB (allocated" in out and "the device total decides" in out
+    assert "warning: prepare_model_for_kbit_training(model) turns gradient checkpointing ON" in out  # asked for no ckpt
+    assert main(["vram", "--gpu", "RTX 9090"]) == 2 and "unknown GPU 'RTX 9090'" in capsys.readouterr().err
+    assert main(["vram", "--json", "--gpu", "T4 16GB"]) == 0
+    assert json.loads(capsys.readouterr().out)["fits"] == {"T4 16GB": True}
 
 
 def test_estimate_matches_recorded_h100_peaks():
