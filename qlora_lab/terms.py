@@ -224,9 +224,17 @@ def layer_activation_bytes(setup, sh: Arch, device: str = "cuda") -> dict[str, i
 
 
 def _adapter_input_bytes(setup, sh: Arch, sdpa: bool, device: str) -> dict[str, int]:
-    """Per token: the adapters' saved inputs (and with dropout, the dropped copies and masks); see layer_activation_bytes."""
+    """Per token: the adapters' saved inputs (and with dropout, the dropped copies and masks); see layer_activation_bytes.
+
+    Shared or copied? peft's LoRA layer casts its input to the adapters' dtype (fp32), except on
+    a 4-bit base under autocast (peft's bnb layer skips the cast there); autocast then casts to
+    16 bits for the matmul. So one tensor per input is saved when nothing needed a cast (an
+    fp32 stream without autocast, a 16-bit stream into a 4-bit layer under autocast), else one
+    copy per module.
+    """
     a, f = stream_bytes(setup), DTYPE_BYTES[setup.adapter_dtype]
-    copy = 2 if setup.autocast() else f  # bytes of the copy lora_A saves
+    copy = 2 if setup.autocast() else f  # bytes of the tensor lora_A saves
+    shared = (a == f) if not setup.autocast() else (setup.method == "qlora" and a == 2)
     targets = set(setup.target_list())
     d_in = {"q_proj": sh.hidden, "k_proj": sh.hidden, "v_proj": sh.hidden, "o_proj": sh.q_dim, "gate_proj": sh.hidden,
             "up_proj": sh.hidden, "down_proj": sh.intermediate}
@@ -239,10 +247,10 @@ def _adapter_input_bytes(setup, sh: Arch, sdpa: bool, device: str) -> dict[str, 
         width = d_in[hit[0]]
         if setup.lora_dropout > 0:
             dropout += len(hit) * (copy + mask) * width
-        elif setup.autocast() or a != f:
-            inputs += len(hit) * copy * width
+        elif shared:  # without autocast, sdpa's saved output is o_proj's input; with it, o_proj's input is a 16-bit copy
+            inputs += 0 if (group == ("o_proj",) and sdpa and not setup.autocast()) else copy * width
         else:
-            inputs += 0 if (group == ("o_proj",) and sdpa) else f * width  # sdpa saved the o_proj input already
+            inputs += len(hit) * copy * width
     parts = {"inputs": inputs + len(targets) * (2 if setup.autocast() else f) * setup.r}
     return {**parts, "dropout": dropout} if dropout else parts
 

@@ -25,6 +25,6 @@ def run_lab(stem: str, profile: str = "smoke", overrides: dict | None = None) ->
 
 def run_labs(stems: list[str], profile: str, jobs: int = 1) -> dict[str, dict]:
     """Execute several labs (up to `jobs` at once, see runner.run_notebooks); returns their summary entries."""
-    paths = [paths.LABS_DIR / f"{stem}.ipynb" for stem in stems]
-    summary = runner.run_notebooks(paths, profile, RUNS, progress=False, jobs=jobs)
+    notebooks = [paths.LABS_DIR / f"{stem}.ipynb" for stem in stems]
+    summary = runner.run_notebooks(notebooks, profile, RUNS, progress=False, jobs=jobs)
     return {stem: summary["notebooks"][stem] for stem in stems}
