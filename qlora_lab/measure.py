@@ -366,7 +366,7 @@ def measure_steps(model, optimizer, setup, steps: int = 2, seed: int = 0, timeli
     if cuda:
         result.peak_reserved_bytes = torch.cuda.max_memory_reserved()
         free, total = torch.cuda.mem_get_info()
-        result.device_used_bytes = total - free
+        result.device_used_bytes = total - free - baseline  # other runs' leftover tensors are not this run's
     else:
         result.rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return result
@@ -465,7 +465,7 @@ def measure_trainer(setup, steps: int = 3, device: str | None = None, seed: int 
     if device.type == "cuda":
         result.peak_reserved_bytes = torch.cuda.max_memory_reserved()
         free, total = torch.cuda.mem_get_info()
-        result.device_used_bytes = total - free
+        result.device_used_bytes = total - free - baseline  # other runs' leftover tensors are not this run's
     trainer.accelerator.free_memory()  # accelerate keeps references to the model and optimizer it prepared
     trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
     del trainer, model

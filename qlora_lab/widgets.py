@@ -1,7 +1,8 @@
 """Interactive controls for the labs (ipywidgets), each with a non-interactive twin.
 
 `vram_panel()` is lab 01's calculator panel: model, method, r, targets, optimizer, batch,
-sequence length, checkpointing and GPU; any change re-estimates (microseconds) and redraws
+gradient accumulation, sequence length, checkpointing, mixed precision and GPU; any change
+re-estimates (microseconds), prints the three-tier verdict and redraws
 the breakdown. Where widgets cannot render (papermill, a static notebook viewer) the lab
 calls `vram_report(...)`, which prints the same numbers as a table and draws the same chart.
 The panel's peak label carries the CSS class `qlora-peak` so a browser test can read it.
@@ -24,8 +25,7 @@ def vram_report(gpu: str = "T4 16GB", show_chart: bool = True, **setup) -> vram.
     """
     est = vram.estimate(**setup)
     print(est.table())
-    print(f"fits {gpu}: {'yes' if budget.fits(est, gpu) else 'no'} ({est.device_bytes / vram.GiB:.1f} of "
-          f"{budget.gpu_bytes(gpu) / vram.GiB:.1f} GiB)")
+    print(f"{gpu}: {budget.predicted_verdict(est, budget.gpu_bytes(gpu))}")
     if show_chart:
         fig = plots.plot_vram_breakdown({f"{est.setup.method} {est.setup.model}": est},
                                         gpu_gib={gpu: budget.gpu_bytes(gpu) / vram.GiB})
@@ -35,7 +35,7 @@ def vram_report(gpu: str = "T4 16GB", show_chart: bool = True, **setup) -> vram.
 
 def vram_panel(model: str = "llama-2-7b", method: str = "qlora", r: int = 16, targets: str = "all-linear",
                optimizer: str = "paged_adamw_8bit", batch: int = 4, seq: int = 512, checkpointing: bool = True,
-               gpu: str = "T4 16GB"):
+               gpu: str = "T4 16GB", mixed_precision: str = "bf16", grad_accum: int = 1):
     """The interactive calculator: returns an ipywidgets box that redraws on every change."""
     style = {"description_width": "90px"}
     controls = {
@@ -48,6 +48,10 @@ def vram_panel(model: str = "llama-2-7b", method: str = "qlora", r: int = 16, ta
         "seq": W.Dropdown(options=[128, 256, 512, 1024, 2048, 4096, 8192, 16384], value=seq, description="seq len",
                           style=style),
         "checkpointing": W.Checkbox(value=checkpointing, description="gradient checkpointing"),
+        "mixed_precision": W.ToggleButtons(options=list(vram.MIXED_PRECISIONS), value=mixed_precision,
+                                           description="mixed prec.", style=style),
+        "grad_accum": W.IntSlider(value=grad_accum, min=1, max=32, description="grad accum", style=style,
+                                  continuous_update=False),
         "gpu": W.Dropdown(options=list(budget.GPUS), value=gpu, description="GPU", style=style),
     }
     peak = W.HTML()
@@ -58,15 +62,16 @@ def vram_panel(model: str = "llama-2-7b", method: str = "qlora", r: int = 16, ta
         values = {k: c.value for k, c in controls.items()}
         gpu_name = values.pop("gpu")
         values["targets"] = TARGET_CHOICES[values["targets"]]
+        if values["method"] == "full":  # mixed precision is modelled for LoRA and QLoRA
+            values["mixed_precision"] = "no"
         try:
             est = vram.estimate(**values)
         except vram.SetupError as err:
             peak.value = f"<b style='color:#c44e52'>{err}</b>"
             return
-        fits = budget.fits(est, gpu_name)
+        verdict = budget.predicted_verdict(est, budget.gpu_bytes(gpu_name))
         peak.value = (f"<b>predicted peak: <span class='qlora-peak-gib'>{est.peak_allocated_bytes / vram.GiB:.2f}</span> GiB"
-                      f"</b> allocated, {est.device_bytes / vram.GiB:.2f} GiB on the device "
-                      f"({'fits' if fits else 'does not fit'} {gpu_name})")
+                      f"</b> allocated, {est.device_bytes / vram.GiB:.2f} GiB on the device. {gpu_name}: {verdict}")
         with out:
             clear_output(wait=True)
             fig = plots.plot_vram_breakdown({f"{est.setup.method} {est.setup.model}": est},
@@ -78,5 +83,5 @@ def vram_panel(model: str = "llama-2-7b", method: str = "qlora", r: int = 16, ta
         control.observe(redraw, names="value")
     redraw()
     left = W.VBox([controls[k] for k in ("model", "method", "r", "targets", "optimizer")])
-    right = W.VBox([controls[k] for k in ("batch", "seq", "checkpointing", "gpu")])
+    right = W.VBox([controls[k] for k in ("batch", "grad_accum", "seq", "checkpointing", "mixed_precision", "gpu")])
     return W.VBox([W.HBox([left, right]), peak, out])
