@@ -50,10 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     from qlora_lab import models
 
     spec = rest[0] if rest else models.DEFAULT_MODEL
-    source = models.resolve(spec)
-    print(source.description)
-    if source.kind != "random":
-        print(models.checkpoint_for(spec))
+    try:
+        source = models.resolve(spec)
+        print(source.description)
+        if source.kind != "random":
+            print(models.checkpoint_for(spec))
+    except models.ModelSpecError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

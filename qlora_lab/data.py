@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from datasets import DatasetDict, load_dataset
+from datasets import Dataset, DatasetDict, load_dataset
 
 from qlora_lab import paths
 
@@ -143,9 +143,30 @@ def task_file(split: str) -> Path:
     return cached
 
 
+class DataError(ValueError):
+    """A data file the lab cannot read; the message names the file, the line and what is wrong."""
+
+
 def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSON-lines file. Example: read_jsonl(task_file("eval"))[0]["sentence"] -> "Send Kira ..." """
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """Rows of a JSON-lines file: one JSON object per line (blank lines skipped); DataError names file and line.
+
+    Example: read_jsonl(task_file("eval"))[0]["sentence"] -> "Send Kira ..."
+    """
+    rows = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}, line {number}, column {err.colno}: not valid JSON ({err.msg}): "
+                            f"{line[:80]!r}") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{path} holds no rows; regenerate the task files with: python data/make_dataset.py")
+    return rows
 
 
 # --------------------------------------------------------------------------- loading
@@ -159,8 +180,8 @@ def load_task(name: str = "orders", eval_size: int = 200, seed: int = 0):
     rows after a seeded shuffle become the eval split.
     Example: load_task()["eval"][0]["prompt"] -> "Send Kira ..."
     """
-    if name == "orders":
-        ds = load_dataset("json", data_files={s: str(task_file(s)) for s in SPLITS})
+    if name == "orders":  # read (and checked line by line) here, then handed to datasets
+        ds = DatasetDict({s: Dataset.from_list(read_jsonl(task_file(s))) for s in SPLITS})
         return ds.map(lambda row: {"system": TASK_INSTRUCTION, "prompt": row["sentence"]},
                       remove_columns=["sentence"])
     try:

@@ -21,6 +21,7 @@ traceback, goes on with the next notebook (or stops, with --fail-fast) and exits
 """
 
 import argparse
+import fcntl
 import json
 import logging
 import os
@@ -66,7 +67,8 @@ def profile_settings(profiles: dict, profile: str = "auto", overrides: dict | No
     unknown = set(overrides or {}) - set(settings)
     if unknown:
         raise ValueError(f"overrides {sorted(unknown)} are not settings of this notebook; it has {sorted(settings)}")
-    settings.update(overrides or {})
+    for key, value in (overrides or {}).items():  # --set shapes=llama-65b means the list ["llama-65b"], not its letters
+        settings[key] = value.split(",") if isinstance(settings[key], list) and isinstance(value, str) else value
     return SimpleNamespace(profile=profile, **settings)
 
 
@@ -173,6 +175,22 @@ def load_summary(profile_dir: Path, profile: str) -> dict:
     return {"profile": profile, "notebooks": {}}
 
 
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def record_entry(profile_dir: Path, profile: str, stem: str, entry: dict) -> dict:
+    """Add one notebook's entry to summary.json under a file lock, re-reading it first, so runners that share
+    an --out folder keep each other's entries; returns the merged summary."""
+    profile_dir = Path(profile_dir)
+    with open(profile_dir / ".summary.lock", "w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)  # released when the file closes
+        summary = load_summary(profile_dir, profile)
+        summary["notebooks"][stem] = entry
+        write_summary(summary, profile_dir)
+    return summary
+
+
 def write_summary(summary: dict, profile_dir: Path) -> None:
     """Write summary.json and summary.md, each atomically."""
     paths.atomic_write_text(Path(profile_dir) / "summary.json", json.dumps(summary, indent=1))
@@ -208,10 +226,14 @@ def run_notebooks(notebooks: list[Path], profile: str, out: Path, overrides: dic
     def run_one(nb: Path, cell_progress: bool) -> None:
         if stop.is_set():
             return
-        entry = run_notebook(nb, profile, profile_dir, overrides, progress=cell_progress)
+        try:
+            entry = run_notebook(nb, profile, profile_dir, overrides, progress=cell_progress)
+        except KeyboardInterrupt:  # Ctrl-C: the run is recorded as interrupted, then the interrupt goes on
+            record_entry(profile_dir, profile, Path(nb).stem, {"status": "interrupted", "seconds": 0.0, "results": {},
+                                                                "error": None, "output": "", "finished_at": _now()})
+            raise
         with lock:
-            summary["notebooks"][Path(nb).stem] = entry
-            write_summary(summary, profile_dir)
+            summary["notebooks"] = record_entry(profile_dir, profile, Path(nb).stem, entry)["notebooks"]
             bar.set_postfix_str(Path(nb).stem)
             bar.update()
             if entry["error"]:
@@ -253,7 +275,7 @@ def _parse_set(items: list[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"--set takes key=value, got {item!r}")
+            raise ValueError(f"--set takes key=value, got {item!r}")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -274,9 +296,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="run up to N notebooks at once (the device-memory labs 01 and 06 still run alone)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    notebooks = find_notebooks(args.notebooks)
-    summary = run_notebooks(notebooks, args.profile, Path(args.out), _parse_set(args.set),
-                            args.fail_fast, progress=not args.no_progress, jobs=args.jobs)
+    try:
+        notebooks = find_notebooks(args.notebooks)
+        if not notebooks:
+            raise FileNotFoundError(f"no lab notebooks (NN_topic.ipynb) in {', '.join(args.notebooks)}")
+        if args.profile not in ("auto", *PROFILE_NAMES):
+            raise ValueError(f"unknown profile {args.profile!r}; choose one of auto, {', '.join(PROFILE_NAMES)}")
+        overrides = _parse_set(args.set)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        summary = run_notebooks(notebooks, args.profile, Path(args.out), overrides,
+                                args.fail_fast, progress=not args.no_progress, jobs=args.jobs)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the notebook in progress is recorded as interrupted in {Path(args.out)}", file=sys.stderr)
+        return 130
     print("\n" + format_summary(summary))
     print(f"executed notebooks and summary.json: {Path(args.out) / summary['profile']}")
     ran = [summary["notebooks"].get(Path(nb).stem, {}) for nb in notebooks]

@@ -1,0 +1,69 @@
+"""User errors and faults (issue: nothing hangs, nothing is trusted that should not be, one line that names the fix):
+bad data files, command-line mistakes, runners sharing an output folder, overrides of list settings."""
+
+import json
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from qlora_lab import data, runner
+
+
+def test_a_malformed_line_names_file_line_and_column(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"sentence": "a", "answer": "b"}\n\n{"sentence": "c", "answer": }\n')
+    with pytest.raises(data.DataError, match=r"train.jsonl, line 3, column 29: not valid JSON"):
+        data.read_jsonl(path)
+    path.write_text('["not", "an", "object"]\n')
+    with pytest.raises(data.DataError, match="line 1: expected a JSON object, got list"):
+        data.read_jsonl(path)
+
+
+def test_an_empty_file_says_how_to_regenerate(tmp_path):
+    path = tmp_path / "eval.jsonl"
+    path.write_text("\n")
+    with pytest.raises(data.DataError, match="holds no rows; regenerate the task files with: python data/make_dataset.py"):
+        data.read_jsonl(path)
+
+
+def _cli(*args):
+    done = subprocess.run([sys.executable, "-m", "qlora_lab", *args], capture_output=True, text=True, timeout=120)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error")]
+    return done.returncode, errors, done.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "labs/99_missing.ipynb"], "no notebook at labs/99_missing.ipynb"),
+    (["run", "labs/00_environment.ipynb", "--profile", "bogus"], "unknown profile 'bogus'"),
+    (["run", "data"], "no lab notebooks (NN_topic.ipynb) in data"),
+    (["run", "labs/00_environment.ipynb", "--set", "steps"], "--set takes key=value"),
+    (["model", "bogus"], "unknown model 'bogus'"),
+    (["vram", "--gpu", "RTX 9090"], "unknown GPU 'RTX 9090'"),
+    (["vram", "--optimizer", "adam9"], "unknown optimizer 'adam9'"),
+])
+def test_command_line_user_errors_are_one_line_exit_2(args, message):
+    code, errors, stderr = _cli(*args)
+    assert code == 2 and "Traceback" not in stderr, stderr
+    assert len(errors) == 1 and message in errors[0], stderr
+
+
+def test_runners_sharing_an_output_folder_keep_each_others_entries(tmp_path):
+    """Two writers at once: each adds its entry under the lock, re-reading summary.json first."""
+    def write(stem):
+        runner.record_entry(tmp_path, "smoke", stem, {"status": "ok", "seconds": 1.0, "results": {}, "error": None})
+
+    threads = [threading.Thread(target=write, args=(f"{i:02d}_lab",)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(json.loads((tmp_path / "summary.json").read_text())["notebooks"]) == [f"{i:02d}_lab" for i in range(8)]
+
+
+def test_a_string_override_of_a_list_setting_is_a_list():
+    profiles = {"smoke": {"shapes": ["llama-65b", "llama-33b"], "seq": 512}}
+    settings = runner.profile_settings(profiles, "smoke", {"shapes": "llama-65b", "seq": 1024})
+    assert settings.shapes == ["llama-65b"] and settings.seq == 1024
+    assert runner.profile_settings(profiles, "smoke", {"shapes": "llama-65b,llama-33b"}).shapes == ["llama-65b", "llama-33b"]
