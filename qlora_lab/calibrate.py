@@ -72,12 +72,15 @@ GRIDS = {
 
 def label(config: dict) -> str:
     """A configuration's short name. Example: label(GRIDS["cpu-small"][0]) -> "smollm2-135m qlora b1x64 bf16" """
-    extra = f" ga{config['grad_accum']}" if config.get("grad_accum", 1) > 1 else ""
-    precision = _setup(config).precision()
-    return config.get("label") or (f"{config['model']} {config['method']} b{config['batch']}x{config['seq']}{extra} "
-                                   f"{precision}"
-                                   + (" loop" if config.get("path") == "loop" else "")
-                                   + (" from_pretrained" if config.get("checkpoint") else ""))
+    setup = _setup(config)
+    parts = [setup.model, setup.method, f"r{setup.r}" + ("" if setup.targets == "all-linear" else " q,v"),
+             f"b{setup.batch}x{setup.seq}" + (f" x{setup.grad_accum} accum" if setup.grad_accum > 1 else ""),
+             setup.precision() if setup.autocast() else "no autocast",
+             "" if setup.checkpointing else "no ckpt", "" if setup.prepare or setup.method != "qlora" else "no prepare",
+             f"dropout {setup.lora_dropout:g}" if setup.lora_dropout else "", "eager" if setup.attn == "eager" else "",
+             "loop keeping outputs" if setup.keep_outputs else "loop" if config.get("path") == "loop" else "",
+             "from_pretrained" if config.get("checkpoint") else ""]
+    return config.get("label") or " ".join(p for p in parts if p)
 
 
 def _setup(config: dict) -> vram.Setup:

@@ -239,7 +239,7 @@ def plot_eval_losses(losses: dict, baseline: str = "bf16"):
 
 VRAM_TERM_COLORS = {"weights": "#4c72b0", "quant_constants": "#8172b2", "lora_params": "#64b5cd",
                     "optimizer": "#dd8452", "gradients": "#c44e52", "activations": "#55a868",
-                    "logits": "#ccb974", "temporaries": "#937860", "cuda_workspace": "#8c8c8c"}
+                    "logits": "#ccb974", "temporaries": "#937860", "cuda_workspace": "#8c8c8c", "casts": "#da8bc3"}
 
 
 def plot_vram_breakdown(estimates: dict, gpu_gib: dict | None = None,
@@ -262,7 +262,7 @@ def plot_vram_breakdown(estimates: dict, gpu_gib: dict | None = None,
         ax.text(left, row, f" {left:.1f} GiB", va="center", fontsize=9)
     handles = [plt.Rectangle((0, 0), 1, 1, color=VRAM_TERM_COLORS.get(term, "#cccccc"), label=term) for term in terms]
     for style, (name, gib) in zip((":", "--", "-."), (gpu_gib or {}).items()):
-        handles.append(ax.axvline(gib, color="black", linestyle=style, linewidth=1, label=f"{name} ({gib:.0f} GiB)"))
+        handles.append(ax.axvline(gib, color="black", linestyle=style, linewidth=1, label=f"{name} ({gib:.1f} GiB)"))
     ax.set_yticks(range(len(labels)), labels)
     ax.invert_yaxis()
     ax.set_xlabel("GiB at the step's peak (predicted torch.cuda.max_memory_allocated)")
@@ -284,7 +284,7 @@ def plot_vram_sweep(xs: list, series: dict, xlabel: str, gpu_gib: dict | None = 
     ax.set_xscale("log", base=2)
     ax.set_xticks(xs, [str(x) for x in xs])
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("predicted peak (GiB)")
+    ax.set_ylabel("predicted device total (GiB, as nvidia-smi shows)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -282,7 +282,7 @@ def setup_warnings(setup: Setup) -> list[str]:
         out.append("prepare_model_for_kbit_training(model) turns gradient checkpointing ON by default, and "
                    "TrainingArguments(gradient_checkpointing=False) does not turn it off: call it with "
                    "use_gradient_checkpointing=False, or this 'no checkpointing' run will checkpoint (lab 01 measures "
-                   "the pair).")
+                   "the pair in section 7).")
     if setup.autocast() and setup.method == "qlora" and setup.precision() != setup.compute_dtype:
         out.append(f"mixed precision {setup.mixed_precision} with a {setup.compute_dtype} compute dtype: autocast runs "
                    f"the adapters and attention in {setup.mixed_precision} while every 4-bit layer casts its input to "
