@@ -31,6 +31,8 @@ import json
 import shutil
 import statistics
 import time
+import warnings
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,10 +41,11 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from peft import PeftModel
+from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from qlora_lab import data, measure, models, recipe
+from qlora_lab import data, measure, models, paths, recipe
 
 
 def _batches(items: list, size: int):
@@ -215,17 +218,51 @@ class StepTimer(TrainerCallback):
 
 
 def last_checkpoint(output_dir: str | Path) -> tuple[Path | None, int]:
-    """The newest checkpoint-<step> folder under output_dir and its step, or (None, 0).
+    """The newest readable checkpoint-<step> folder under output_dir and its step, or (None, 0).
 
+    A checkpoint with a damaged file (a truncated write, a full disk) is skipped with a one-line
+    warning naming it, and the one before it is used.
     Example: last_checkpoint("runs/x") -> (Path("runs/x/checkpoint-80"), 80)
     """
     output_dir = Path(output_dir)
-    found = [(int(p.name.split("-")[1]), p) for p in output_dir.glob("checkpoint-*")
-             if p.is_dir() and p.name.split("-")[1].isdigit() and (p / "trainer_state.json").exists()]
-    if not found:
-        return None, 0
-    step, path = max(found)
-    return path, step
+    found = sorted(((int(p.name.split("-")[1]), p) for p in output_dir.glob("checkpoint-*")
+                    if p.is_dir() and p.name.split("-")[1].isdigit() and (p / "trainer_state.json").exists()), reverse=True)
+    for step, path in found:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, step
+        warnings.warn(f"skipping checkpoint {path}: {problem}", stacklevel=2)
+    return None, 0
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """What is wrong with a Trainer checkpoint folder (a file that does not parse), or None when it reads.
+
+    Example: checkpoint_problem("runs/x/checkpoint-40") -> "adapter_model.safetensors is damaged (...)"
+    """
+    path = Path(path)
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        return f"trainer_state.json does not parse ({err})"
+    for name in ("adapter_model.safetensors", "model.safetensors"):
+        if (path / name).exists():
+            try:
+                with safe_open(str(path / name), framework="pt") as tensors:
+                    for key in tensors.keys():  # reading every tensor finds a truncated file
+                        tensors.get_tensor(key)
+            except Exception as err:  # safetensors raises its own error types
+                return f"{name} is damaged ({type(err).__name__}: {str(err).splitlines()[0][:100]})"
+    for name in ("optimizer.pt", "scheduler.pt"):  # torch.save writes zip archives: check every member's CRC
+        if (path / name).exists():
+            try:
+                with zipfile.ZipFile(path / name) as archive:
+                    bad = archive.testzip()
+            except (OSError, zipfile.BadZipFile) as err:
+                return f"{name} is damaged ({err})"
+            if bad:
+                return f"{name} is damaged (member {bad} fails its checksum)"
+    return None
 
 
 def make_trainer(model, tokenizer, train_rows, eval_rows, config: TrainConfig, output_dir: str | Path,
@@ -320,6 +357,15 @@ def finetune(model, tokenizer, train_rows, eval_rows, config: TrainConfig, outpu
     if output_dir.exists() and (not resume or checkpoint is None or step >= config.steps):
         shutil.rmtree(output_dir)
         checkpoint, step = None, 0
+    run = run_config(model, config)
+    if checkpoint is not None:  # resuming: the stored configuration must be this one
+        stored = json.loads((output_dir / RUN_CONFIG).read_text()) if (output_dir / RUN_CONFIG).exists() else {}
+        differ = sorted(k for k in set(stored) | set(run) if stored.get(k) != run.get(k))
+        if differ:
+            raise ValueError(f"{output_dir} holds a checkpoint of another configuration (it differs in "
+                             f"{', '.join(differ)}): use another output_dir, or finetune(..., resume=False) to start over")
+    else:
+        paths.atomic_write_text(output_dir / RUN_CONFIG, json.dumps(run, indent=1, sort_keys=True))
     timer = StepTimer()
     trainer = make_trainer(model, tokenizer, train_rows, eval_rows, config, output_dir,
                            callbacks=[timer, *(callbacks or [])], progress=progress)
@@ -333,6 +379,24 @@ def finetune(model, tokenizer, train_rows, eval_rows, config: TrainConfig, outpu
         step_seconds=statistics.median(timer.seconds) if timer.seconds else float("nan"),
         peak_bytes=meter.peak_bytes, memory_kind=meter.kind, log_history=list(trainer.state.log_history),
         output_dir=str(output_dir))
+
+
+RUN_CONFIG = "qlora_lab_run.json"  # the configuration a run's checkpoints belong to, beside them
+
+
+def run_config(model, config: TrainConfig) -> dict:
+    """What a checkpoint must match to be resumed: the training settings and the adapter's, flattened.
+
+    Example: run_config(model, TrainConfig())["r"] -> 16
+    """
+    adapter = next(iter(getattr(model, "peft_config", {"": None}).values()))
+    flat = {k: v for k, v in asdict(config).items() if k not in ("eval_every", "eval_batch_size", "save_every",
+                                                                  "keep_checkpoints", "log_every")}
+    if adapter is not None:
+        targets = adapter.target_modules
+        flat.update(r=adapter.r, lora_alpha=adapter.lora_alpha, lora_dropout=adapter.lora_dropout,
+                    target_modules=sorted(targets) if isinstance(targets, (set, list, tuple)) else targets)
+    return json.loads(json.dumps(flat, default=str))
 
 
 # --------------------------------------------------------------------------- ship it: save, reload, merge

@@ -114,6 +114,37 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_run, tmp_pat
     assert again.resumed_from == 0 and again.losses() == whole.losses()
 
 
+def test_a_checkpoint_of_another_configuration_is_refused_in_one_line(tiny_run, tmp_path):
+    """Before: a different lr silently continued the old schedule; a different r ended in a 441-line size mismatch."""
+    model, tok = tiny_run.fresh()
+    with pytest.raises(KeyboardInterrupt):
+        tiny_run.run(model, tok, tmp_path / "cut", save_every=2, callbacks=[StopAfterSave(2)])
+    model, tok = tiny_run.fresh()
+    with pytest.raises(ValueError, match=r"another configuration \(it differs in lr\)") as err:
+        tiny_run.run(model, tok, tmp_path / "cut", save_every=2, lr=5e-4)
+    assert len(str(err.value).splitlines()) == 1
+    model, _ = models.load_model(f"random:{tiny_run.shape}", quant="nf4", device="cpu")
+    model = lora.add_lora(model, r=8, alpha=16)
+    with pytest.raises(ValueError, match="differs in lora_alpha, r"):
+        tiny_run.run(model, tok, tmp_path / "cut", save_every=2)
+
+
+def test_a_damaged_checkpoint_is_skipped_with_a_warning_naming_it(tiny_run, tmp_path):
+    """Before: a truncated file in the newest checkpoint failed every rerun with a raw error and no path."""
+    model, tok = tiny_run.fresh()
+    with pytest.raises(KeyboardInterrupt):
+        tiny_run.run(model, tok, tmp_path / "cut", save_every=2, callbacks=[StopAfterSave(4)])
+    newest = tmp_path / "cut" / "checkpoint-4" / "adapter_model.safetensors"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a truncated write
+    assert "adapter_model.safetensors is damaged" in train.checkpoint_problem(newest.parent)
+    with pytest.warns(UserWarning, match="skipping checkpoint .*checkpoint-4: adapter_model.safetensors is damaged"):
+        assert train.last_checkpoint(tmp_path / "cut") == (tmp_path / "cut" / "checkpoint-2", 2)
+    model, tok = tiny_run.fresh()
+    with pytest.warns(UserWarning, match="checkpoint-4"):
+        resumed = tiny_run.run(model, tok, tmp_path / "cut", save_every=2)
+    assert resumed.resumed_from == 2 and resumed.steps == 6
+
+
 def test_trainer_eval_between_steps_leaves_training_unchanged(tiny_run, tmp_path):
     """Trainer's periodic eval runs the 4-bit model in eval mode without grad: training must not notice.
 
