@@ -77,14 +77,21 @@ def predicted_verdict(est: Estimate, limit_bytes: float) -> Verdict:
 def max_batch(gpu: str, **kwargs) -> int:
     """The largest batch size whose step fits `gpu` (0 if not even batch 1 fits). Binary search.
 
-    Example: max_batch("T4 16GB", model="llama-2-7b", method="qlora", seq=512) -> 12
+    Example:
+    >>> max_batch("T4 16GB", model="llama-2-7b", method="qlora", seq=512)
+    17
     """
     return _solve("batch", gpu, kwargs)
 
 
 def max_seq(gpu: str, **kwargs) -> int:
-    """The longest sequence length whose step fits `gpu` (0 if none does)."""
-    return _solve("seq", gpu, kwargs)
+    """The longest sequence length whose step fits `gpu` (0 if none does), at most the model's context length.
+
+    Example:
+    >>> max_seq("H200 141GB", model="smollm2-135m", method="qlora", batch=1)
+    8192
+    """
+    return _solve("seq", gpu, kwargs, limit=vram.estimate(**{**kwargs, "seq": 1}).shape.max_positions)
 
 
 def _solve(name: str, gpu: str, kwargs: dict, limit: int = 1 << 20) -> int:
@@ -99,7 +106,10 @@ def _solve(name: str, gpu: str, kwargs: dict, limit: int = 1 << 20) -> int:
     lo, hi = 1, 2
     while hi <= limit and ok(hi):
         lo, hi = hi, hi * 2
-    while hi - lo > 1:  # invariant: ok(lo), not ok(hi)
+    if hi > limit and ok(min(hi, limit)):
+        return min(hi, limit)
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:  # invariant: ok(lo), not ok(hi) (or hi past the limit)
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if ok(mid) else (lo, mid)
     return lo

@@ -130,7 +130,10 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.bflo
 def smollm2_checkpoint() -> Path:
     """The converted default checkpoint, converting on first use (about 30 s on 2 cores)."""
     gguf = find_smollm2_gguf()
-    return convert_gguf(gguf, paths.cache_dir() / f"smollm2-135m-instruct-{_file_digest(gguf)}")
+    target = paths.cache_dir() / f"smollm2-135m-instruct-{_file_digest(gguf)}"
+    if not (target / "config.json").exists():
+        paths.remove_stale_partials(target.parent)  # a killed conversion leaves ~266 MB behind
+    return convert_gguf(gguf, target)
 
 
 # --------------------------------------------------------------------------- spec resolution

@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -46,6 +47,20 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def remove_stale_partials(directory: str | Path, older_than_s: float = 3600) -> list[Path]:
+    """Delete `.partial` files and directories that interrupted writes left in a directory more than
+    `older_than_s` seconds ago (a running writer's are younger); returns what was removed.
+
+    Example: remove_stale_partials(cache_dir()) -> [PosixPath('.../.smollm2-135m-instruct-....partial')]
+    """
+    removed = []
+    for stale in Path(directory).glob(".*.partial"):
+        if time.time() - stale.stat().st_mtime > older_than_s:
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+            removed.append(stale)
+    return removed
 
 
 @contextmanager

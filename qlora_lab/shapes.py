@@ -102,6 +102,7 @@ def of(model) -> Arch:
         return Arch(config.model_type, config.hidden_size, config.intermediate_size, config.num_hidden_layers, heads,
                     getattr(config, "num_key_value_heads", None) or heads, config.vocab_size,
                     bool(getattr(config, "tie_word_embeddings", False)),
+                    max_positions=getattr(config, "max_position_embeddings", None) or 4096,
                     qkv_bias=bool(getattr(config, "attention_bias", False) or config.model_type == "qwen2"),
                     head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
                     name=getattr(config, "name_or_path", "") or type(config).__name__)

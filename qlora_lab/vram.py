@@ -248,7 +248,9 @@ def estimate(model="llama-2-7b", device: str = "cuda", **kwargs) -> Estimate:
     model is a preset name, a transformers config, a checkpoint dir / hub id, or a shapes.Arch.
     device="cpu" drops the CUDA-only terms (cuBLAS workspace, context), to compare with
     measure.measure on a CPU.
-    Example: estimate("llama-2-7b", method="qlora", batch=4, seq=512).peak_allocated_bytes / 2**30 -> ~5.9
+    Example:
+    >>> round(estimate("llama-2-7b", method="qlora", batch=4, seq=512).peak_allocated_bytes / 2**30, 2)
+    6.57
     """
     sh = _arch(model)
     setup = Setup(model=model if isinstance(model, str) else sh.name, **kwargs)
@@ -265,19 +267,22 @@ def estimate(model="llama-2-7b", device: str = "cuda", **kwargs) -> Estimate:
                  else counts["total"])
     est = Estimate(setup=setup, shape=sh, terms=phases[peak_phase], phases=totals,
                    peak_allocated_bytes=totals[peak_phase], peak_phase=peak_phase, run_peak_bytes=run[run_phase],
-                   run_peak_phase=run_phase, warnings=setup_warnings(setup),
+                   run_peak_phase=run_phase, warnings=setup_warnings(setup, sh),
                    paged_bytes=terms.optimizer_bytes(setup, sh)[1],
                    params={"total": counts["total"] + trainable * (setup.method != "full"), "trainable": trainable})
     est.overhead_bytes = CUDA_CONTEXT + int(ALLOCATOR_SLACK * est.run_peak_bytes) if device == "cuda" else 0
     return est
 
 
-def setup_warnings(setup: Setup) -> list[str]:
+def setup_warnings(setup: Setup, sh: Arch | None = None) -> list[str]:
     """Setups that do not do what they seem to, each with the fix.
 
     Example: setup_warnings(Setup(checkpointing=False))[0] -> "prepare_model_for_kbit_training(model) turns ..."
     """
     out = []
+    if sh is not None and setup.seq > sh.max_positions:
+        out.append(f"seq={setup.seq} is longer than {sh.name or 'the model'}'s context ({sh.max_positions} positions): "
+                   f"the model was not trained for it, and RoPE scaling would be needed; use seq <= {sh.max_positions}.")
     if setup.method == "qlora" and setup.prepare and not setup.checkpointing:
         out.append("prepare_model_for_kbit_training(model) turns gradient checkpointing ON by default, and "
                    "TrainingArguments(gradient_checkpointing=False) does not turn it off: call it with "

@@ -94,3 +94,37 @@ def test_a_hub_that_accepts_but_never_answers_fails_fast_with_the_offline_messag
         models.checkpoint_for("someorg/somemodel")
     assert time.perf_counter() - start < 30
     server.close()
+
+
+def test_sequences_past_the_context_are_warned_and_not_answered():
+    from qlora_lab import budget, vram
+
+    assert budget.max_seq("H200 141GB", model="smollm2-135m", method="qlora", batch=1) == 8192  # before: 195,883
+    warnings = vram.estimate("smollm2-135m", seq=10000).warnings
+    assert any("longer than smollm2-135m's context (8192 positions)" in w for w in warnings)
+    assert not any("context" in w for w in vram.estimate("smollm2-135m", seq=8192).warnings)
+
+
+def test_stale_partial_directories_are_cleaned(tmp_path):
+    import os
+    import time
+
+    from qlora_lab import paths
+
+    old, fresh = tmp_path / ".model-abc.x1.partial", tmp_path / ".model-abc.x2.partial"
+    for d in (old, fresh):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"half")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert paths.remove_stale_partials(tmp_path) == [old]
+    assert not old.exists() and fresh.exists()  # a writer still at work keeps its directory
+
+
+@pytest.mark.parametrize("module", ["budget", "vram"])
+def test_docstring_examples_are_doctests_that_run(module):
+    """Examples with >>> are run, so they cannot go stale (max_batch said 12 while it returned 17)."""
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(f"qlora_lab.{module}"))
+    assert result.attempted >= 1 and result.failed == 0

@@ -127,9 +127,11 @@ def test_solvers_find_the_boundary():
     assert b >= 1
     assert budget.fits(vram.estimate(batch=b, **kwargs), "T4 16GB")
     assert not budget.fits(vram.estimate(batch=b + 1, **kwargs), "T4 16GB")
-    s = budget.max_seq("RTX 4090 24GB", model="llama-2-13b", method="qlora", batch=1)
-    assert budget.fits(vram.estimate("llama-2-13b", method="qlora", batch=1, seq=s), "RTX 4090 24GB")
-    assert not budget.fits(vram.estimate("llama-2-13b", method="qlora", batch=1, seq=s + 1), "RTX 4090 24GB")
+    s = budget.max_seq("T4 16GB", model="llama-2-13b", method="qlora", batch=4)
+    assert s < 4096  # memory, not the context length, sets this one
+    assert budget.fits(vram.estimate("llama-2-13b", method="qlora", batch=4, seq=s), "T4 16GB")
+    assert not budget.fits(vram.estimate("llama-2-13b", method="qlora", batch=4, seq=s + 1), "T4 16GB")
+    assert budget.max_seq("RTX 4090 24GB", model="llama-2-13b", method="qlora", batch=1) == 4096  # the context caps it
     assert budget.max_batch("T4 16GB", model="llama-65b", method="lora", seq=512) == 0
 
 
