@@ -28,6 +28,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import urllib.request
 import zlib
 from dataclasses import dataclass
@@ -122,9 +123,42 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.bflo
         model.tie_weights()
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "qlora_lab_source.json").write_text(json.dumps(
-            {"gguf": str(gguf_path), "sha256_prefix": _file_digest(gguf_path), "dtype": str(dtype)}, indent=1))
+        files = {f.name: _file_record(f) for f in sorted(tmp.glob("*.safetensors"))}
+        source = {"gguf": str(gguf_path), "sha256_prefix": _file_digest(gguf_path), "dtype": str(dtype), "files": files}
+        (tmp / "qlora_lab_source.json").write_text(json.dumps(source, indent=1))
     return out_dir
+
+
+def _file_record(path: Path) -> dict:
+    stat = path.stat()
+    return {"bytes": stat.st_size, "mtime": stat.st_mtime, "sha256": _file_digest(path)}
+
+
+def converted_problem(directory: str | Path) -> str | None:
+    """What is wrong with a converted checkpoint against the record made at conversion, or None.
+
+    Cheap when nothing changed: sizes and modification times are compared; a file whose time
+    changed is hashed again (about 0.3 s for SmolLM2's 270 MB). A conversion without a record
+    (made by an older version of the lab) is recorded now, trusted on first use.
+    Example: converted_problem(smollm2_checkpoint()) -> None
+    """
+    directory = Path(directory)
+    source = directory / "qlora_lab_source.json"
+    record = json.loads(source.read_text()) if source.exists() else {}
+    if "files" not in record:
+        record["files"] = {f.name: _file_record(f) for f in sorted(directory.glob("*.safetensors"))}
+        paths.atomic_write_text(source, json.dumps(record, indent=1))
+        return None
+    for name, expected in record["files"].items():
+        path = directory / name
+        if not path.exists():
+            return f"{name} is missing"
+        stat = path.stat()
+        if stat.st_size != expected["bytes"]:
+            return f"{name} has {stat.st_size:,} bytes, {expected['bytes']:,} were written"
+        if stat.st_mtime != expected["mtime"] and _file_digest(path) != expected["sha256"]:
+            return f"{name} changed since it was written (its checksum differs)"
+    return None
 
 
 def smollm2_checkpoint() -> Path:
@@ -133,6 +167,9 @@ def smollm2_checkpoint() -> Path:
     target = paths.cache_dir() / f"smollm2-135m-instruct-{_file_digest(gguf)}"
     if not (target / "config.json").exists():
         paths.remove_stale_partials(target.parent)  # a killed conversion leaves ~266 MB behind
+    elif problem := converted_problem(target):
+        print(f"the converted model in {target} is damaged ({problem}): converting it again", file=sys.stderr)
+        shutil.rmtree(target)
     return convert_gguf(gguf, target)
 
 

@@ -128,3 +128,26 @@ def test_docstring_examples_are_doctests_that_run(module):
 
     result = doctest.testmod(importlib.import_module(f"qlora_lab.{module}"))
     assert result.attempted >= 1 and result.failed == 0
+
+
+def test_a_damaged_converted_model_is_found_by_its_record(tmp_path):
+    """Before: a truncated cache file failed every load with a raw SafetensorError naming no path; 8 MB zeroed
+    loaded silently and answered nonsense. The conversion now records sizes and checksums; a load checks them."""
+    import os
+    import time
+
+    from qlora_lab import models
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(os.urandom(1 << 20))
+    (tmp_path / "config.json").write_text("{}")
+    assert models.converted_problem(tmp_path) is None  # no record yet (an older conversion): recorded now, trusted
+    assert "files" in json.loads((tmp_path / "qlora_lab_source.json").read_text())
+    assert models.converted_problem(tmp_path) is None
+    data_ = bytearray(weights.read_bytes())
+    data_[1000:9000] = bytes(8000)  # zeroed in place: same size
+    time.sleep(0.01)
+    weights.write_bytes(bytes(data_))
+    assert models.converted_problem(tmp_path) == "model.safetensors changed since it was written (its checksum differs)"
+    weights.write_bytes(bytes(data_[: len(data_) // 2]))  # truncated
+    assert "model.safetensors has 524,288 bytes, 1,048,576 were written" == models.converted_problem(tmp_path)
