@@ -423,8 +423,26 @@ def load_adapter(adapter_dir: str | Path, spec: str, quant: str | None = "nf4", 
     Example: model, tok = load_adapter("runs/adapter", "smollm2-135m")  # 4-bit base + adapter
     """
     base, tokenizer = models.load_model(spec, quant=quant, **load_kwargs)
+    check_adapter_base(adapter_dir, base)
     model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     return model.eval(), tokenizer
+
+
+def check_adapter_base(adapter_dir: str | Path, base) -> str | None:
+    """Warn (and return the warning) when an adapter was trained on another base model than `base`.
+
+    Shapes can match by accident (two fine-tunes of one architecture): peft then loads the adapter
+    without a word, and it answers nonsense. Compares adapter_config.json's base_model_name_or_path
+    with the base's name_or_path, when both are known.
+    Example: check_adapter_base("runs/adapter", base) -> None
+    """
+    trained_on = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+    loaded = getattr(base, "name_or_path", "") or getattr(getattr(base, "config", None), "_name_or_path", "") or ""
+    if trained_on and loaded and Path(trained_on).name != Path(loaded).name:
+        message = f"the adapter in {adapter_dir} was trained on {trained_on!r}, but the base loaded is {loaded!r}"
+        warnings.warn(message, stacklevel=2)
+        return message
+    return None
 
 
 def merge_adapter(adapter_dir: str | Path, spec: str, out_dir: str | Path | None = None,

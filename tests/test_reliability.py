@@ -151,3 +151,15 @@ def test_a_damaged_converted_model_is_found_by_its_record(tmp_path):
     assert models.converted_problem(tmp_path) == "model.safetensors changed since it was written (its checksum differs)"
     weights.write_bytes(bytes(data_[: len(data_) // 2]))  # truncated
     assert "model.safetensors has 524,288 bytes, 1,048,576 were written" == models.converted_problem(tmp_path)
+
+
+def test_an_adapter_on_a_different_base_warns(tmp_path):
+    from types import SimpleNamespace
+
+    from qlora_lab import train
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M"}))
+    with pytest.warns(UserWarning, match="trained on 'HuggingFaceTB/SmolLM2-135M', but the base loaded is 'other/model'"):
+        assert train.check_adapter_base(tmp_path, SimpleNamespace(name_or_path="other/model"))
+    assert train.check_adapter_base(tmp_path, SimpleNamespace(name_or_path="/cache/SmolLM2-135M")) is None  # same model
+    assert train.check_adapter_base(tmp_path, SimpleNamespace(name_or_path="")) is None  # a random shape: unknown
