@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 
 from qlora_lab import recipe, shapes, vram
+from qlora_lab.runner import OneLineParser
 from qlora_lab.vram import Estimate, GiB, SetupError, estimate
 
 GPUS = {  # name -> usable memory in bytes (marketing GB as the driver reports it)
@@ -179,7 +180,7 @@ def reconcile(claims: list = CLAIMS, grid: dict | None = None, typical: dict | N
 
 def main(argv: list[str] | None = None) -> int:
     """python -m qlora_lab vram --model llama-2-7b --method qlora --batch 4 --seq 512 [--gpu "T4 16GB"] [--json]"""
-    p = argparse.ArgumentParser(prog="python -m qlora_lab vram", description="Predict the peak memory of a training step.")
+    p = OneLineParser(prog="python -m qlora_lab vram", description="Predict the peak memory of a training step.")
     d = vram.Setup()
     p.add_argument("--model", default=d.model, help=f"preset ({', '.join(shapes.ARCHITECTURES)}), dir or hub id")
     p.add_argument("--method", default=d.method, choices=vram.METHODS)

@@ -283,9 +283,17 @@ def _parse_set(items: list[str]) -> dict:
     return out
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr (exit 2), not the whole usage text."""
+
+    def error(self, message):
+        print(f"error: {message} ({self.prog} --help lists the options)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
     """python -m qlora_lab run [NOTEBOOK ...] --profile smoke|cpu|gpu --out runs/"""
-    parser = argparse.ArgumentParser(prog="python -m qlora_lab run", description="Execute lab notebooks with papermill.")
+    parser = OneLineParser(prog="python -m qlora_lab run", description="Execute lab notebooks with papermill.")
     parser.add_argument("notebooks", nargs="*", help="notebooks or folders (default: every labs/NN_*.ipynb)")
     parser.add_argument("--profile", default="auto", help="smoke | cpu | gpu (default: gpu with CUDA, else cpu)")
     parser.add_argument("--out", default="runs", help="output folder (default: runs/)")
