@@ -82,7 +82,7 @@ def max_batch(gpu: str, **kwargs) -> int:
     >>> max_batch("T4 16GB", model="llama-2-7b", method="qlora", seq=512)
     17
     """
-    return _solve("batch", gpu, kwargs)
+    return largest("batch", gpu_bytes(gpu), **kwargs)
 
 
 def max_seq(gpu: str, **kwargs) -> int:
@@ -92,15 +92,20 @@ def max_seq(gpu: str, **kwargs) -> int:
     >>> max_seq("H200 141GB", model="smollm2-135m", method="qlora", batch=1)
     8192
     """
-    return _solve("seq", gpu, kwargs, limit=vram.estimate(**{**kwargs, "seq": 1}).shape.max_positions)
+    return largest("seq", gpu_bytes(gpu), **kwargs)
 
 
-def _solve(name: str, gpu: str, kwargs: dict, limit: int = 1 << 20) -> int:
-    gpu_bytes(gpu)  # a clear error for an unknown card
+def largest(name: str, limit_bytes: float, **kwargs) -> int:
+    """The largest value of an integer Setup field ("batch", "seq", "grad_accum") whose device total stays within
+    limit_bytes (0 if not even 1 does); "seq" stops at the model's context length. Binary search.
+
+    Example: largest("seq", 15 * GiB, model="llama-3.2-1b", batch=4, checkpointing=False) -> 656
+    """
     kwargs = {k: v for k, v in kwargs.items() if k != name}
+    limit = estimate(**{**kwargs, name: 1}).shape.max_positions if name == "seq" else 1 << 20
 
     def ok(n):
-        return fits(estimate(**kwargs, **{name: n}), gpu)
+        return estimate(**kwargs, **{name: n}).device_bytes <= limit_bytes
 
     if not ok(1):
         return 0
@@ -114,6 +119,25 @@ def _solve(name: str, gpu: str, kwargs: dict, limit: int = 1 << 20) -> int:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if ok(mid) else (lo, mid)
     return lo
+
+
+def plan(configs: list[dict], limit_bytes: float | None, margin: float = 0.9) -> tuple[list[dict], list[dict]]:
+    """Split configurations into those whose predicted device total fits margin x limit_bytes, and the rest.
+
+    For choosing what a lab measures on the GPU it has; each skipped one carries "reason".
+    limit_bytes None (no GPU): nothing fits. Example: plan(GRIDS["gpu"], 15 * GiB)[1][0]["reason"] -> "needs ..."
+    """
+    measured, skipped = [], []
+    for config in configs:
+        fields = {k: v for k, v in config.items() if k in vram.Setup.__dataclass_fields__}
+        need = estimate(**fields).device_bytes
+        if limit_bytes is not None and need <= margin * limit_bytes:
+            measured.append(config)
+        else:
+            reason = "no GPU" if limit_bytes is None else (f"needs about {need / GiB:.1f} GiB on the device, more than "
+                                                           f"{margin:.0%} of {limit_bytes / GiB:.1f} GiB")
+            skipped.append({**config, "reason": reason})
+    return measured, skipped
 
 
 def closest_setups(target_gib: float, model: str, grid: dict, top: int = 3, **fixed) -> list[tuple[float, Estimate]]:

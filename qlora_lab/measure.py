@@ -507,7 +507,14 @@ def measure_variants(setup, variants: dict[str, dict], steps: int = 3, timeline:
     """
     baseline = _release(torch.device("cuda"))
     start = time.perf_counter()
-    model, optimizer = build(setup, "cuda")
+    try:
+        model, optimizer = build(setup, "cuda")
+    except torch.cuda.OutOfMemoryError as err:  # a result too: it did not even load
+        _release(torch.device("cuda"))
+        error = "out of memory while building the model: " + str(err).splitlines()[0]
+        return {label: {"result": None, "error": error, "prediction": vram.estimate(**asdict(replace(setup, **{
+            k: v for k, v in change.items() if k != "cap_gib"}))), "setup": setup, "cap_gib": None, "build_seconds": 0.0,
+            "storage": {}} for label, change in variants.items()}
     common = {"build_seconds": time.perf_counter() - start, "storage": quant.model_storage(model)}
     runs, adapter_dtype = {}, setup.adapter_dtype
     for label, change in variants.items():

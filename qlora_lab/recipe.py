@@ -16,6 +16,7 @@ names from here, so a name means the same thing everywhere.
 Shortcut: only the optimizers the lab measures are in the table.
 """
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -43,16 +44,31 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def default_compute_dtype(device: str | torch.device | None = None) -> torch.dtype:
-    """bf16 where the device computes in it, else fp16 (old GPUs such as the T4).
+COMPUTE_DTYPE_ENV = "QLORA_LAB_COMPUTE_DTYPE"  # "bf16" or "fp16": force it (rehearse a T4's fp16 path on any GPU)
 
-    Every CPU that PyTorch supports computes in bf16 (fast where it has AVX512-BF16/AMX).
+
+def default_compute_dtype(device: str | torch.device | None = None) -> torch.dtype:
+    """bf16 where the device runs it natively, else fp16; $QLORA_LAB_COMPUTE_DTYPE forces one.
+
+    GPUs run bf16 natively from compute capability 8.0 (Ampere) on. A T4 (7.5) or V100 (7.0)
+    does not, although torch.cuda.is_bf16_supported() says True there (it emulates it,
+    slowly): they get fp16. Every CPU that PyTorch supports computes in bf16.
     Example: default_compute_dtype("cpu") -> torch.bfloat16
     """
+    forced = os.environ.get(COMPUTE_DTYPE_ENV)
+    if forced:
+        if forced not in ("bf16", "fp16"):
+            raise ValueError(f"{COMPUTE_DTYPE_ENV} must be bf16 or fp16, got {forced!r}")
+        return DTYPES[forced]
     device = torch.device(device or default_device())
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
     return torch.bfloat16
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The short name of a dtype in DTYPES. Example: dtype_name(torch.bfloat16) -> "bf16" """
+    return next(name for name, d in DTYPES.items() if d == dtype)
 
 
 # --------------------------------------------------------------------------- optimizers

@@ -75,15 +75,22 @@ def profile_settings(profiles: dict, profile: str = "auto", overrides: dict | No
 def start_lab(profiles: dict, profile: str = "auto", overrides: dict | None = None) -> tuple[SimpleNamespace, dict]:
     """The first call of every lab: its settings under the profile in force, and the versions/device report.
 
-    Records `profile`, which the runner's summary and every lab test read back: a lab that
-    does not start here fails its test. Returns (settings, env.report()'s dict).
+    On a GPU it also holds PyTorch to $QLORA_LAB_GPU_MEMORY when set (env.enforce_gpu_memory)
+    and says which budget the lab plans for. Records `profile` and `gpu_budget_bytes`, which the
+    runner's summary and every lab test read back: a lab that does not start here fails its test.
+    Returns (settings, env.report()'s dict, with "gpu_budget_bytes" added).
     Example: P, info = start_lab(PROFILES, "smoke")  # P.profile -> "smoke"
     """
     settings = profile_settings(profiles, profile, overrides)
+    budget = env.enforce_gpu_memory()
     print(f"profile {settings.profile!r}:", ", ".join(f"{k}={v!r}" for k, v in vars(settings).items() if k != "profile"))
     info = env.report()
+    where = f"${env.GPU_MEMORY_ENV}" if os.environ.get(env.GPU_MEMORY_ENV) else "this GPU"
+    print(f"memory budget: {budget / 2**30:.1f} GiB of GPU memory ({where})" if budget else
+          "memory budget: no GPU here; GPU-only measurements are predicted, not run")
     record("profile", settings.profile)
-    return settings, info
+    record("gpu_budget_bytes", budget)
+    return settings, {**info, "gpu_budget_bytes": budget}
 
 
 def find_notebooks(targets: list[str] | None = None) -> list[Path]:

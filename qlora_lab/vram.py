@@ -71,14 +71,16 @@ class Setup:
     seq: int = 512  # tokens per sequence
     checkpointing: bool = True  # gradient checkpointing of every decoder layer
     attn: str = "sdpa"  # attention implementation: "sdpa" (flash/efficient kernels) or "eager" (keeps s x s scores)
-    mixed_precision: str | None = None  # "no" | "bf16" | "fp16" (Trainer's bf16=/fp16=); None: bf16 for (Q)LoRA, no for full
+    mixed_precision: str | None = None  # "no" | "bf16" | "fp16" (Trainer's bf16=/fp16=); None: the compute dtype
+    # for (Q)LoRA, "no" for full
     grad_accum: int = 1  # micro-batches per optimizer step; gradients of earlier ones stay alive
     keep_outputs: bool = False  # a hand loop that keeps `out = model(...)` (its logits) alive through backward
 
     def precision(self) -> str:
-        """The mixed precision in force. The default is bf16 for LoRA and QLoRA because that is the run users
-        launch: Trainer with bf16=True, as in the QLoRA guides' recipes; full fine-tunes are modelled without it."""
-        return self.mixed_precision or ("no" if self.method == "full" else "bf16")
+        """The mixed precision in force. The default for LoRA and QLoRA is the compute dtype (bf16, or fp16 on a
+        T4) because that is the run users launch: Trainer with bf16=True, as in the QLoRA guides' recipes (fp16=True
+        where bf16 is not native); full fine-tunes are modelled without it."""
+        return self.mixed_precision or ("no" if self.method == "full" else self.compute_dtype)
 
     def autocast(self) -> bool:
         """Whether forward runs under autocast (accelerate's way: Trainer with bf16=True or fp16=True)."""

@@ -24,8 +24,8 @@ def test_lab02_smoke():
     assert 0.28 < r["dq_saving_gb_7b"] < 0.32 and 2.9 < r["dq_saving_gb_65b"] < 3.1  # paper: ~3 GB on 65B
     for fmt in ("bf16", "nf4", "fp4", "int4"):
         assert math.isfinite(r[f"eval_loss_{fmt}"]) and r[f"eval_loss_{fmt}"] > 0
-    losses = {fmt: r[f"eval_loss_{fmt}"] for fmt in ("nf4", "fp4", "int4")}
-    assert r["closest_to_bf16"] == min(losses, key=lambda f: abs(losses[f] - r["eval_loss_bf16"]))
+    # the smoke profile cuts the model to 2 layers: its eval losses say nothing, so no format is named closest
+    assert "closest_to_bf16" not in r and r["findings_withheld"] >= 1
     # where bitsandbytes' 2-D CPU path differs from the reference, the reference is the one closer to the weights
     assert (r["bnb_2d_dequant_values_differing"] == 0) == (r["bnb_2d_ours_closer"] is None)
     assert r["bnb_2d_ours_closer"] in (None, True)
@@ -38,7 +38,8 @@ def test_lab02_gpu(gpu_lab):
     r = gpu_lab("02_nf4_vs_fp4")
     assert r["bitexact_vs_bnb"] is True and r["bitexact_cases"] >= 900
     assert r["bnb_2d_dequant_values_differing"] == 0  # the CUDA kernel indexes absmax over the flat tensor
-    assert r["nf4_mse"] < r["int4_mse"] and r["nf4_mse"] < r["fp4_mse"]  # random weights are normal: NF4's home
+    # random weights: no finding about how formats fit weights is recorded (only the measurements)
+    assert r["model_source"] == "random" and "closest_to_bf16" not in r and r["findings_withheld"] >= 3
     assert r["bits_per_param_no_dq"] == 4.5 and abs(r["bits_per_param_dq"] - 4.127) < 1e-3
     for fmt in ("bf16", "nf4", "fp4", "int4"):
         assert math.isfinite(r[f"eval_loss_{fmt}"])

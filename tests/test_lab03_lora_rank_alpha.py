@@ -12,10 +12,11 @@ def check(r: dict, grid: set[str] | None = None):
     assert r["rerun_trained"] == 0  # the second run_sweep call found every point in the cache
     losses = r["final_eval_loss"]
     assert r["grid_points"] == len(losses) and (grid is None or set(losses) == grid)
-    assert losses[f"r={r['best_r']},alpha={r['best_alpha']},rslora={r['best_rslora']}"] == r["best_eval_loss"]
-    assert all(0 <= a <= 1 for a in r["final_accuracy"].values())
+    if "best_r" in r:  # recorded for a real model only
+        assert losses[f"r={r['best_r']},alpha={r['best_alpha']},rslora={r['best_rslora']}"] == r["best_eval_loss"]
+        assert all(0 <= a <= 1 for a in r["final_accuracy"].values())
     assert r["qv_eval_loss"] == losses[next(k for k in losses if "targets=q_proj+v_proj" in k)]
-    for label, k in r["effective_rank_median"].items():
+    for label, k in r.get("effective_rank_median", {}).items():
         assert 1 <= k <= int(label.removeprefix("r="))
 
 
@@ -37,3 +38,5 @@ def test_lab03_gpu(gpu_lab):
     r = gpu_lab("03_lora_rank_alpha")
     check(r)
     assert r["grid_points"] >= 14
+    # random weights: which rank or alpha is better is not recorded, only the mechanics
+    assert "best_r" not in r and "effective_rank_median" not in r and r["findings_withheld"] >= 1
