@@ -39,8 +39,9 @@ RANDOM_WEIGHTS_BANNER = (
     "better; {n} such finding(s) are withheld. Run with the real model (the cpu profile, or online) to see them.")
 
 
-RANDOM_WEIGHTS_NOTE = ("RANDOM WEIGHTS: the weights below are Gaussian noise, not a trained model. The figures show the "
-                       "mechanics (blocks, levels, code use); how trained weights look and fit a format cannot be seen here.")
+RANDOM_WEIGHTS_NOTE = ("RANDOM WEIGHTS: the weights below are Gaussian noise, not a trained model. The figures show "
+                       "the mechanics (blocks, levels, code use); how trained weights look and fit a format cannot be "
+                       "seen here.")
 
 
 def show(findings: list[Finding], trained_weights: bool) -> list[Finding]:
