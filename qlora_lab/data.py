@@ -16,6 +16,8 @@ learned, not the examples.
 the files are committed and a test checks they are exactly what the seeded generator makes.
 When the package is installed without the repository (Colab), `task_file` regenerates them
 into the cache. `load_task` also takes an Alpaca-style hub data set name when online.
+`general_text` and `GENERAL_QUESTION` are the forgetting check: general text and a general
+question, measured before and after fine-tuning (the text ships inside the package).
 
 Shortcuts: prompts are masked from the loss with -100 labels; examples are right-padded;
 no packing of several examples into one sequence.
@@ -141,6 +143,18 @@ def task_file(split: str) -> Path:
     if not cached.exists():
         write_task_files(cached.parent)
     return cached
+
+
+GENERAL_QUESTION = "What is the capital of France? Answer in one sentence."  # lab 00 asks it; labs 05, 07 ask it again
+GENERAL_TEXT = Path(__file__).with_name("general.txt")  # ~1,000 tokens of plain English on nine everyday topics
+
+
+def general_text() -> str:
+    """Held-out general text, written for this lab (not in the task data): perplexity on it measures forgetting.
+
+    Example: len(general_text().split()) -> 823
+    """
+    return GENERAL_TEXT.read_text()
 
 
 class DataError(ValueError):

@@ -486,7 +486,7 @@ def plot_finetune_curves(log_history: list[dict], before: dict | None = None, af
                          title: str = "QLoRA fine-tuning"):
     """Training loss per step and the periodic evals (loss and exact match) from Trainer's log history.
 
-    before/after are train.evaluate results (drawn at step 0 and at the last step), so the
+    before/after are evals.evaluate results (drawn at step 0 and at the last step), so the
     curve starts at the base model and ends at what the final evaluation measured.
     Example: plot_finetune_curves(result.log_history, before, after)
     """

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from qlora_lab import data, lora, models, paths, shapes, train
+from qlora_lab import data, evals, lora, models, paths, shapes, train
 from qlora_lab.shapes import ALL_LINEAR
 
 SWEEP_FORMAT = 1  # bump when what run_point stores changes: old cache entries then no longer match
@@ -154,7 +154,7 @@ def run_point(point: SweepPoint, settings: SweepSettings, progress: bool = False
     with tempfile.TemporaryDirectory() as tmp:
         fit = train.finetune(model, tokenizer, train_rows, None, cfg, tmp, resume=False,
                              callbacks=[tracker], progress=progress)
-    final = train.evaluate(model, tokenizer, eval_rows, batch_size=cfg.eval_batch_size)
+    final = evals.evaluate(model, tokenizer, eval_rows, batch_size=cfg.eval_batch_size)
     steps, losses = fit.losses()
     arch = _arch_name(settings.model)
     result = {

