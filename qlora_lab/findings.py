@@ -13,9 +13,10 @@ cannot show instead.
 Shortcut: the tie threshold is a fixed rule of thumb, not an interval from repeated runs.
 """
 
+import math
 from dataclasses import dataclass, field
 
-from qlora_lab import budget
+from qlora_lab import budget, stats
 from qlora_lab.results import record
 
 TIE = 0.02  # relative difference below which two single-seed results are called a tie
@@ -226,19 +227,43 @@ def qlora_vs_lora_memory(qlora_bytes: float, lora_bytes: float, memory_kind: str
                    f"-> {abs(saved):.0%} {'less' if saved > 0 else 'more'}.", {"saved": saved})
 
 
-def qlora_vs_lora_accuracy(qlora_acc: float, lora_acc: float, n: int) -> Finding:
-    """Exact match of QLoRA against 16-bit LoRA on n items; a gap within one standard error of the difference is a tie.
+def qlora_vs_lora_accuracy(qlora_correct: list[bool], lora_correct: list[bool]) -> Finding:
+    """Generated exact match of QLoRA against LoRA on the same items: paired bootstrap interval and exact McNemar test.
 
-    Example: qlora_vs_lora_accuracy(0.805, 0.855, 200).facts["verdict"] -> "tie"
+    A difference whose 95 % interval holds 0 is a tie. Example: qlora_vs_lora_accuracy(q, l).facts["verdict"] -> "tie"
     """
-    points = 100 * (qlora_acc - lora_acc)
-    se = 100 * ((qlora_acc * (1 - qlora_acc) + lora_acc * (1 - lora_acc)) / n) ** 0.5  # unpaired, as an upper bound
-    verdict = "tie" if abs(points) <= 2 * se else ("better" if points > 0 else "worse")
-    words = (f"a tie within the noise (difference {points:+.1f} points, about +/-{2 * se:.1f} at 95 % on {n} items)"
-             if verdict == "tie" else f"{abs(points):.1f} points {verdict} (beyond +/-{2 * se:.1f} at 95 % on {n} items)")
-    return Finding(f"Exact match: QLoRA {100 * qlora_acc:.1f} % vs LoRA {100 * lora_acc:.1f} % -> {words} "
-                   f"(a common claim: 1-2 points worse, or on par).", {"points": points, "verdict": verdict},
+    n = len(qlora_correct)
+    diff, low, high = stats.paired_difference_ci(qlora_correct, lora_correct)
+    test = stats.mcnemar(qlora_correct, lora_correct)
+    verdict = {"tie": "tie", "higher": "better", "lower": "worse"}[stats.call(low, high)]
+    words = ("a tie: the interval holds 0" if verdict == "tie" else f"QLoRA {verdict}: the interval excludes 0")
+    return Finding(f"Generated exact match on the same {n} items: QLoRA {100 * sum(qlora_correct) / n:.1f} % vs LoRA "
+                   f"{100 * sum(lora_correct) / n:.1f} %, difference {100 * diff:+.1f} points (95 % paired interval "
+                   f"{100 * low:+.1f} to {100 * high:+.1f}; {test['only_a']} items only QLoRA got right, {test['only_b']} "
+                   f"only LoRA, McNemar p = {test['p']:.2f}) -> {words}. One training seed each: seed-to-seed "
+                   f"variation is not in this interval (a common claim: 1-2 points worse, or on par).",
+                   {"difference": diff, "ci": [low, high], "mcnemar_p": test["p"], "verdict": verdict},
                    needs_trained_weights=True)
+
+
+def forgetting(nll_before: list[float], nll_after: list[float], block: int = 32) -> Finding:
+    """Perplexity of held-out general text before and after fine-tuning, with a 95 % interval on the change.
+
+    nll_*: per-token losses of the same text (evals.perplexity's "token_nll"); the interval is a paired
+    bootstrap over blocks of `block` tokens (neighbouring tokens are not independent).
+    Example: forgetting(before["token_nll"], after["token_nll"]).facts["verdict"] -> "higher"
+    """
+    blocks = range(0, len(nll_before) - block + 1, block)
+    mean = lambda xs, i: sum(xs[i:i + block]) / block
+    diff, low, high = stats.paired_difference_ci([mean(nll_after, i) for i in blocks], [mean(nll_before, i) for i in blocks])
+    ppl = [math.exp(sum(x) / len(x)) for x in (nll_before, nll_after)]
+    verdict = stats.call(low, high)
+    words = {"tie": "no change beyond the noise of this text", "higher": "the model got worse at general text (forgetting)",
+             "lower": "the model got better at general text"}[verdict]
+    return Finding(f"General text ({len(nll_before)} tokens, never trained on): perplexity {ppl[0]:.1f} before, "
+                   f"{ppl[1]:.1f} after, x{math.exp(diff):.2f} (95 % interval x{math.exp(low):.2f} to "
+                   f"x{math.exp(high):.2f}) -> {words}.", {"ratio": math.exp(diff), "ci": [math.exp(low), math.exp(high)],
+                                                           "verdict": verdict}, needs_trained_weights=True)
 
 
 # --------------------------------------------------------------------------- lab 06: paper scale

@@ -483,12 +483,13 @@ def plot_spectra(spectra: dict[str, list[list[float]]], title: str = "Singular v
 
 
 def plot_finetune_curves(log_history: list[dict], before: dict | None = None, after: dict | None = None,
-                         title: str = "QLoRA fine-tuning"):
+                         title: str = "QLoRA fine-tuning", generated: tuple[dict, dict] | None = None):
     """Training loss per step and the periodic evals (loss and exact match) from Trainer's log history.
 
     before/after are evals.evaluate results (drawn at step 0 and at the last step), so the
-    curve starts at the base model and ends at what the final evaluation measured.
-    Example: plot_finetune_curves(result.log_history, before, after)
+    curve starts at the base model and ends at what the final evaluation measured; generated,
+    two evals.generation_eval results, adds generated exact match with its 95 % interval there.
+    Example: plot_finetune_curves(result.log_history, before, after, generated=(gen_before, gen_after))
     """
 
     train_logs = [h for h in log_history if "loss" in h and "eval_loss" not in h]
@@ -509,6 +510,12 @@ def plot_finetune_curves(log_history: list[dict], before: dict | None = None, af
         ax_loss.plot([last], [after["loss"]], "s", color="black", label=f"final eval ({after['examples']} examples)")
         ax_acc.plot([last], [100 * after["accuracy"]], "s", color="black",
                     label=f"final eval ({after['examples']} examples)")
+    if generated is not None:
+        pct = [100 * g["accuracy"] for g in generated]
+        err = [[p - 100 * g["ci"][0] for p, g in zip(pct, generated)],
+               [100 * g["ci"][1] - p for p, g in zip(pct, generated)]]
+        ax_acc.errorbar([0, last], pct, yerr=err, fmt="D", color="tab:red", capsize=4,
+                        label=f"generated exact match, 95 % interval ({generated[1]['examples']} examples)")
     ax_loss.set_yscale("log")
     ax_loss.set_xlabel("optimizer step")
     ax_loss.set_ylabel("cross-entropy per answer token (nats, log scale)")
@@ -525,7 +532,7 @@ def plot_finetune_curves(log_history: list[dict], before: dict | None = None, af
 def plot_qlora_vs_lora(rows: dict[str, dict], memory_label: str = "peak memory"):
     """Bars for each setup: peak memory (MiB), median step time (s) and final exact match (%).
 
-    rows maps a setup name to {"peak_bytes", "step_seconds", "accuracy"}.
+    rows maps a setup name to {"peak_bytes", "step_seconds", "accuracy"} and optionally "ci" (accuracy's interval).
     Example: plot_qlora_vs_lora({"QLoRA": {"peak_bytes": 2e9, "step_seconds": 2.9, "accuracy": 0.8}, "LoRA": {...}})
     """
 
@@ -537,11 +544,15 @@ def plot_qlora_vs_lora(rows: dict[str, dict], memory_label: str = "peak memory")
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
     for ax, (key, label, factor, fmt) in zip(axes, panels):
         values = [(rows[n].get(key) or 0) * factor for n in names]
-        bars = ax.bar(names, values, color=colors)
-        for bar, value in zip(bars, values):
-            ax.annotate(fmt.format(value), (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=9)
+        cis = [rows[n].get("ci") for n in names] if key == "accuracy" else [None]
+        err = ([[v - 100 * c[0] for v, c in zip(values, cis)], [100 * c[1] - v for v, c in zip(values, cis)]]
+               if all(cis) else None)  # a 95 % interval on each accuracy bar, when given
+        bars = ax.bar(names, values, color=colors, yerr=err, capsize=5)
+        for i, (bar, value) in enumerate(zip(bars, values)):
+            top = value + (err[1][i] if err else 0)  # above the interval's cap
+            ax.annotate(fmt.format(value), (bar.get_x() + bar.get_width() / 2, top), ha="center", va="bottom", fontsize=9)
         ax.set_ylabel(label)
-        ax.set_ylim(0, max(values + [1e-9]) * 1.15)
+        ax.set_ylim(0, max([v + (err[1][i] if err else 0) for i, v in enumerate(values)] + [1e-9]) * 1.15)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle("QLoRA (4-bit NF4 base) vs LoRA (16-bit base): same task, same steps")
     return _finish(fig)

@@ -51,14 +51,15 @@ def mcnemar(a_correct: list[bool], b_correct: list[bool]) -> dict:
     return {"only_a": only_a, "only_b": only_b, "p": min(1.0, 2 * tail)}
 
 
-def paired_difference_ci(a_correct: list[bool], b_correct: list[bool], resamples: int = 10_000,
+def paired_difference_ci(a: list[float], b: list[float], resamples: int = 10_000,
                          seed: int = 0) -> tuple[float, float, float]:
-    """(difference, low, high): rate of a minus rate of b on the same items, with a 95 % paired bootstrap interval.
+    """(difference, low, high): mean of a minus mean of b over the same items, with a 95 % paired bootstrap interval.
 
+    a, b: one score per item (1/0 for right/wrong, or any number, e.g. a loss).
     Example: paired_difference_ci([1] * 160 + [0] * 40, [1] * 170 + [0] * 30) -> (-0.05, -0.08, -0.02)
     """
-    assert len(a_correct) == len(b_correct), "score both models on the same items"
-    diff = torch.tensor(a_correct, dtype=torch.float64) - torch.tensor(b_correct, dtype=torch.float64)  # (items,)
+    assert len(a) == len(b), "score both models on the same items"
+    diff = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)  # (items,)
     g = torch.Generator().manual_seed(seed)
     picks = torch.randint(len(diff), (resamples, len(diff)), generator=g)  # (resamples, items)
     means = diff[picks].mean(dim=1)  # (resamples,)

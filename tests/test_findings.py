@@ -1,6 +1,9 @@
 """qlora_lab.findings: every conclusion flips its words when the numbers flip, and ties are called ties."""
 
+import math
 from types import SimpleNamespace
+
+import pytest
 
 from qlora_lab import findings
 
@@ -69,9 +72,36 @@ def test_qlora_vs_lora_speed_and_accuracy():
     slower = findings.qlora_vs_lora_speed(0.91, 0.62, "H100", True)
     assert "47% slower" in slower.sentence and "launch-bound" in slower.sentence
     assert "faster" in findings.qlora_vs_lora_speed(1.0, 1.5, "GPU", False).sentence
-    assert findings.qlora_vs_lora_accuracy(0.805, 0.855, 200).facts["verdict"] == "tie"  # the lab's 5-point gap
-    assert findings.qlora_vs_lora_accuracy(0.60, 0.90, 200).facts["verdict"] == "worse"
     assert "less" in findings.qlora_vs_lora_memory(1.0e9, 2.0e9, "x").sentence
+
+
+def _paired(both: int, only_a: int, only_b: int, neither: int) -> tuple[list[bool], list[bool]]:
+    a = [True] * both + [True] * only_a + [False] * only_b + [False] * neither
+    b = [True] * both + [False] * only_a + [True] * only_b + [False] * neither
+    return a, b
+
+
+def test_qlora_vs_lora_accuracy_is_paired():
+    lab = findings.qlora_vs_lora_accuracy(*_paired(150, 11, 21, 18))  # 80.5 % vs 85.5 %: the lab's old 5-point "finding"
+    assert lab.facts["verdict"] == "tie" and "a tie" in lab.sentence and lab.facts["ci"][0] < 0 < lab.facts["ci"][1]
+    worse = findings.qlora_vs_lora_accuracy(*_paired(150, 2, 28, 20))  # 76 % vs 89 %, the split all one way
+    assert worse.facts["verdict"] == "worse" and worse.facts["mcnemar_p"] < 0.001 and "excludes 0" in worse.sentence
+    # the same 5-point gap is a finding when the models disagree on few items (pairing removes the shared noise)
+    consistent = findings.qlora_vs_lora_accuracy(*_paired(161, 0, 10, 29))
+    assert consistent.facts["verdict"] == "worse"
+    assert findings.qlora_vs_lora_accuracy(*_paired(150, 31, 1, 18)).facts["verdict"] == "better"
+
+
+def test_forgetting_flips_with_the_change():
+    import random
+
+    rng = random.Random(0)
+    before = [rng.uniform(1, 5) for _ in range(960)]
+    same = findings.forgetting(before, [x + rng.gauss(0, 0.3) for x in before])
+    worse = findings.forgetting(before, [x + 0.3 + rng.gauss(0, 0.3) for x in before])
+    better = findings.forgetting(before, [x - 0.3 + rng.gauss(0, 0.3) for x in before])
+    assert (same.facts["verdict"], worse.facts["verdict"], better.facts["verdict"]) == ("tie", "higher", "lower")
+    assert "forgetting" in worse.sentence and worse.facts["ratio"] == pytest.approx(math.exp(0.3), rel=0.05)
 
 
 def test_show_withholds_weight_dependent_findings_on_random_weights(capsys):
