@@ -64,8 +64,9 @@ def evaluate(model, tokenizer, rows, batch_size: int = 16, progress: bool = Fals
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, rows, max_new_tokens: int = 48, batch_size: int = 16) -> list[str]:
-    """Greedy answers for rows, batched with left padding.
+def generate_answers(model, tokenizer, rows, max_new_tokens: int = 48, batch_size: int = 16,
+                     min_new_tokens: int | None = None) -> list[str]:
+    """Greedy answers for rows, batched with left padding (min_new_tokens: generate at least that many, for timing).
 
     Example: generate_answers(m, tok, rows[:2]) -> ['{"name": ...}', ...]
     """
@@ -78,7 +79,7 @@ def generate_answers(model, tokenizer, rows, max_new_tokens: int = 48, batch_siz
         for chunk in _batches(list(rows), batch_size):
             prompts = [data.prompt_text(row, tokenizer) for row in chunk]
             inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             new_tokens = out[:, inputs["input_ids"].shape[1]:]  # (batch, generated)
             answers += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

@@ -4,9 +4,8 @@ Training is configured in one place (`TrainConfig`, `make_trainer`) and run by `
 which adds what the lab measures: per-step wall time, peak memory (`measure.MemoryMeter`) and
 resuming an interrupted run from its last checkpoint. Trainer's periodic eval uses the
 teacher-forced exact match of `evals.evaluate` (`exact_match_metrics`).
-Shipping: `save_adapter`, `load_adapter` (onto a freshly loaded base), `merge_adapter` (into a
-16-bit base, or into the NF4-dequantized weights), `replace_with_dequantized`.
-Evaluation lives in `evals`.
+`run_dir` names where a configuration's checkpoints and adapter live, so lab 07 finds lab 05's
+adapter. Evaluation lives in `evals`; saving, reloading and merging the adapter in `ship`.
 
 Shortcuts: one device, no gradient accumulation, no packing; Trainer's periodic eval loss is the
 mean of per-batch means (evals.evaluate's is a mean over all answer tokens), so the two differ slightly.
@@ -22,14 +21,12 @@ import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import bitsandbytes.functional as bnbf
 import torch
 from datasets import Dataset
-from peft import PeftModel
 from safetensors import safe_open
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from qlora_lab import data, measure, models, paths, recipe
+from qlora_lab import data, measure, paths, recipe
 
 # --------------------------------------------------------------------------- training (lab 05)
 
@@ -287,6 +284,16 @@ def finetune(model, tokenizer, train_rows, eval_rows, config: TrainConfig, outpu
         output_dir=str(output_dir))
 
 
+def run_dir(kind: str, spec: str, r: int, alpha: float, config: TrainConfig) -> Path:
+    """Where lab 05 keeps a configuration's files: kind "qlora" / "lora" (checkpoints) or "adapter" (the saved adapter).
+
+    Labs 05 and 07 both call it, so lab 07 finds the adapter lab 05 trained with the same settings.
+    Example: run_dir("adapter", "smollm2-135m", 16, 32, TrainConfig()).name -> "adapter-3f2a9c0d1e4b"
+    """
+    key = config_key({"spec": spec, "r": r, "alpha": alpha, "train": asdict(config)})
+    return paths.cache_dir() / "lab05" / f"{kind}-{key}"
+
+
 RUN_CONFIG = "qlora_lab_run.json"  # the configuration a run's checkpoints belong to, beside them
 
 
@@ -303,108 +310,3 @@ def run_config(model, config: TrainConfig) -> dict:
         flat.update(r=adapter.r, lora_alpha=adapter.lora_alpha, lora_dropout=adapter.lora_dropout,
                     target_modules=sorted(targets) if isinstance(targets, (set, list, tuple)) else targets)
     return json.loads(json.dumps(flat, default=str))
-
-
-# --------------------------------------------------------------------------- ship it: save, reload, merge
-
-
-def save_adapter(model, out_dir: str | Path) -> dict:
-    """Save only the LoRA adapter (peft's save_pretrained, safetensors); returns where and how big.
-
-    The folder holds adapter_config.json (r, alpha, targets, base model name) and
-    adapter_model.safetensors (the A and B matrices): megabytes, against the base model's
-    hundreds of megabytes or gigabytes.
-    Example: save_adapter(model, "runs/adapter")["bytes"] -> 19_579_000
-    """
-    out_dir = Path(out_dir)
-    model.save_pretrained(str(out_dir), safe_serialization=True)
-    weights = out_dir / "adapter_model.safetensors"
-    return {"dir": str(out_dir), "file": str(weights), "bytes": weights.stat().st_size,
-            "total_bytes": sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())}
-
-
-def load_adapter(adapter_dir: str | Path, spec: str, quant: str | None = "nf4", **load_kwargs):
-    """Load a fresh base model (models.load_model) and put a saved adapter on it; eval mode.
-
-    Example: model, tok = load_adapter("runs/adapter", "smollm2-135m")  # 4-bit base + adapter
-    """
-    base, tokenizer = models.load_model(spec, quant=quant, **load_kwargs)
-    check_adapter_base(adapter_dir, base)
-    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
-    return model.eval(), tokenizer
-
-
-def check_adapter_base(adapter_dir: str | Path, base) -> str | None:
-    """Warn (and return the warning) when an adapter was trained on another base model than `base`.
-
-    Shapes can match by accident (two fine-tunes of one architecture): peft then loads the adapter
-    without a word, and it answers nonsense. Compares adapter_config.json's base_model_name_or_path
-    with the base's name_or_path, when both are known.
-    Example: check_adapter_base("runs/adapter", base) -> None
-    """
-    trained_on = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
-    loaded = getattr(base, "name_or_path", "") or getattr(getattr(base, "config", None), "_name_or_path", "") or ""
-    if trained_on and loaded and Path(trained_on).name != Path(loaded).name:
-        message = f"the adapter in {adapter_dir} was trained on {trained_on!r}, but the base loaded is {loaded!r}"
-        warnings.warn(message, stacklevel=2)
-        return message
-    return None
-
-
-def merge_adapter(adapter_dir: str | Path, spec: str, out_dir: str | Path | None = None,
-                  base_from_4bit: bool = False, **load_kwargs):
-    """Merge a saved adapter into a 16-bit base (W + (alpha/r) B A) and optionally save the result.
-
-    By default the base is the original 16-bit checkpoint (models.load_model(quant=None)),
-    which is what you would ship. base_from_4bit=True instead replaces every quantized
-    layer's 16-bit weight by its NF4 round trip (quantize, then dequantize: the weights the
-    adapter was trained against), to show where the merged model's difference comes from.
-    Returns (merged transformers model, tokenizer).
-    Example: merged, tok = merge_adapter("runs/adapter", "smollm2-135m", "runs/merged")
-    """
-    base, tokenizer = models.load_model(spec, quant=None, **load_kwargs)
-    if base_from_4bit:
-        quantized, _ = models.load_model(spec, quant="nf4", **load_kwargs)
-        replace_with_dequantized(base, quantized)
-        del quantized
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    if out_dir is not None:
-        merged.save_pretrained(str(out_dir), safe_serialization=True)
-        tokenizer.save_pretrained(str(out_dir))
-    return merged.eval(), tokenizer
-
-
-def frozen_to_compute_dtype(model, dtype: torch.dtype | None = None) -> int:
-    """Cast the frozen fp32 parameters back to the 16-bit compute dtype; returns how many changed.
-
-    prepare_model_for_kbit_training upcasts the frozen 16-bit parameters (embeddings, norms,
-    output head) to fp32 for numerically stable training. A model reloaded from the saved
-    adapter has them in 16-bit again, so after training cast them back (lossless: they were
-    16-bit values to begin with) before comparing the two. LoRA weights (named lora_A/lora_B) stay fp32.
-    Example: frozen_to_compute_dtype(model) -> 62  # 61 norms + the embedding of SmolLM2-135M
-    """
-    dtype = dtype or recipe.default_compute_dtype(next(model.parameters()).device)
-    changed = 0
-    for name, param in model.named_parameters():
-        if "lora_" not in name and param.dtype == torch.float32:
-            param.data = param.data.to(dtype)
-            changed += 1
-    return changed
-
-
-@torch.no_grad()
-def replace_with_dequantized(model16, model4) -> int:
-    """Copy every 4-bit layer of model4, dequantized, into the same-named nn.Linear of model16.
-
-    Returns how many weights were replaced. Example: replace_with_dequantized(base16, base4) -> 210
-    """
-    linears = dict(model16.named_modules())
-    replaced = 0
-    for name, module in model4.named_modules():
-        state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if state is None:
-            continue
-        weight = bnbf.dequantize_4bit(module.weight.data, state)  # (d_out, d_in) in the compute dtype
-        linears[name].weight.copy_(weight.to(linears[name].weight.dtype))
-        replaced += 1
-    return replaced

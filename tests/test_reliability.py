@@ -159,10 +159,10 @@ def test_a_damaged_converted_model_is_found_by_its_record(tmp_path):
 def test_an_adapter_on_a_different_base_warns(tmp_path):
     from types import SimpleNamespace
 
-    from qlora_lab import train
+    from qlora_lab import ship
 
     (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M"}))
     with pytest.warns(UserWarning, match="trained on 'HuggingFaceTB/SmolLM2-135M', but the base loaded is 'other/model'"):
-        assert train.check_adapter_base(tmp_path, SimpleNamespace(name_or_path="other/model"))
-    assert train.check_adapter_base(tmp_path, SimpleNamespace(name_or_path="/cache/SmolLM2-135M")) is None  # same model
-    assert train.check_adapter_base(tmp_path, SimpleNamespace(name_or_path="")) is None  # a random shape: unknown
+        assert ship.check_adapter_base(tmp_path, SimpleNamespace(name_or_path="other/model"))
+    assert ship.check_adapter_base(tmp_path, SimpleNamespace(name_or_path="/cache/SmolLM2-135M")) is None  # same model
+    assert ship.check_adapter_base(tmp_path, SimpleNamespace(name_or_path="")) is None  # a random shape: unknown
