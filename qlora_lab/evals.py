@@ -11,7 +11,7 @@
   the other way) and for another tokenisation of the same string; `margins` reports each
   example's smallest top-1/top-2 logit gap, and the labs count where the two disagree;
 - `perplexity` of a plain text (forgetting: general text before and after fine-tuning);
-- `answer_logits` and `kl_divergence`: two models' outputs on the same inputs, compared.
+- `answer_logits`, `compare_outputs` and `kl_divergence`: two models' outputs on the same inputs, compared.
 
 Shortcuts: one device; perplexity over consecutive windows (each window's first tokens see no
 earlier context, so it reads a little higher than a sliding window would).
@@ -126,6 +126,26 @@ def answer_logits(model, tokenizer, rows, batch_size: int = 16) -> torch.Tensor:
         out.append(logits[:, :-1][mask].float().cpu())  # (answer tokens in batch, vocab)
     model.train(was_training)
     return torch.cat(out)
+
+
+def answer_targets(tokenizer, rows) -> torch.Tensor:
+    """The reference token at every answer position, in answer_logits' order, shape (answer tokens,).
+
+    Example: F.cross_entropy(answer_logits(m, tok, rows), answer_targets(tok, rows)).exp() -> answer perplexity
+    """
+    labels = [torch.as_tensor(data.encode(row, tokenizer)["labels"])[1:] for row in rows]  # position t predicts t+1
+    return torch.cat([t[t != data.IGNORE_INDEX] for t in labels])
+
+
+def compare_outputs(reference: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> dict:
+    """How a model's answer logits differ from a reference model's on the same rows.
+
+    kl: mean KL(reference || model) in nats; perplexity: exp(cross-entropy of the reference answers)
+    under the model; same_top1: share of positions where both pick the same token.
+    Example: compare_outputs(ref, merged, answer_targets(tok, rows)) -> {"kl": 0.004, "perplexity": 1.08, ...}
+    """
+    return {"kl": kl_divergence(reference, logits), "perplexity": math.exp(F.cross_entropy(logits, targets).item()),
+            "same_top1": (reference.argmax(-1) == logits.argmax(-1)).float().mean().item()}
 
 
 def generation_eval(model, tokenizer, rows, max_new_tokens: int = 48, batch_size: int = 32) -> dict:

@@ -266,6 +266,54 @@ def forgetting(nll_before: list[float], nll_after: list[float], block: int = 32)
                                                            "verdict": verdict}, needs_trained_weights=True)
 
 
+# --------------------------------------------------------------------------- lab 07: ways to ship
+
+
+def merge_keeps_accuracy(name: str, correct: list[bool], reference_correct: list[bool], kl: float) -> Finding:
+    """A shipped variant against the unmerged adapter, on the same items: paired interval of the difference.
+
+    Example: merge_keeps_accuracy("merged into 16-bit", merged, adapter, 0.004).facts["verdict"] -> "tie"
+    """
+    diff, low, high = stats.paired_difference_ci(correct, reference_correct)
+    verdict = {"tie": "tie", "higher": "better", "lower": "worse"}[stats.call(low, high)]
+    words = {"tie": "keeps what was learned (the difference's interval holds 0)",
+             "worse": "loses accuracy (the interval is below 0)", "better": "scores higher (the interval is above 0)"}
+    n = len(correct)
+    return Finding(f"{name}: {100 * sum(correct) / n:.1f} % vs the adapter's {100 * sum(reference_correct) / n:.1f} % "
+                   f"exact match ({100 * diff:+.1f} points, 95 % paired interval {100 * low:+.1f} to {100 * high:+.1f}), "
+                   f"KL {kl:.4f} nats from its outputs -> {words[verdict]}.",
+                   {"difference": diff, "ci": [low, high], "verdict": verdict}, needs_trained_weights=True)
+
+
+def update_survival(ratio_median: float, error_median: float) -> Finding:
+    """What merging into a 4-bit model does to the update: its size in NF4 steps, and the error of what is stored.
+
+    Example: update_survival(0.05, 3.2).facts["survives"] -> False
+    """
+    survives = error_median < 0.5
+    words = ("most of the update survives the re-quantization" if survives else
+             "re-quantizing stores rounding, not the update: merging into 4-bit cannot keep it")
+    return Finding(f"The median LoRA update is {ratio_median:.3f} of the local NF4 step; merging into the 4-bit model "
+                   f"stores it with a median error of {error_median:.2f}x its own size -> {words}.",
+                   {"survives": survives}, needs_trained_weights=True)
+
+
+def inference_speed(rates: dict[str, tuple[float, float, float]], device: str) -> Finding:
+    """Generated tokens/s of the 4-bit and 16-bit variants: is 4-bit faster here? Overlapping ranges are a tie.
+
+    rates: name -> (median, low, high). Example: inference_speed({"a": (60, 58, 61), "b": (90, 88, 93)}, "CPU")
+    """
+    fastest = max(rates, key=lambda n: rates[n][0])
+    slowest = min(rates, key=lambda n: rates[n][0])
+    tie = rates[fastest][1] <= rates[slowest][2]
+    listing = ", ".join(f"{n} {m:.0f}" for n, (m, _, _) in rates.items())
+    words = ("all within each other's range: a tie" if tie else
+             f"{fastest} is fastest, {rates[fastest][0] / rates[slowest][0]:.1f}x {slowest}")
+    return Finding(f"Generation on {device} (tokens/s, median): {listing} -> {words}. 4-bit saves memory; whether it is "
+                   f"faster depends on the kernel and the device, and this is the answer for this one.",
+                   {"fastest": fastest, "tie": tie})
+
+
 # --------------------------------------------------------------------------- lab 06: paper scale
 
 

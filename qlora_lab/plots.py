@@ -535,14 +535,23 @@ def plot_qlora_vs_lora(rows: dict[str, dict], memory_label: str = "peak memory")
     rows maps a setup name to {"peak_bytes", "step_seconds", "accuracy"} and optionally "ci" (accuracy's interval).
     Example: plot_qlora_vs_lora({"QLoRA": {"peak_bytes": 2e9, "step_seconds": 2.9, "accuracy": 0.8}, "LoRA": {...}})
     """
-
-    names = list(rows)
-    colors = ["tab:purple", "tab:gray", "tab:olive", "tab:cyan"][: len(names)]
     panels = [("peak_bytes", memory_label + " (MiB)", 1 / 2**20, "{:.0f}"),
               ("step_seconds", "median step time (s)", 1.0, "{:.2f}"),
               ("accuracy", "exact match on the eval split (%)", 100.0, "{:.1f}")]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
-    for ax, (key, label, factor, fmt) in zip(axes, panels):
+    return bar_panels(rows, panels, "QLoRA (4-bit NF4 base) vs LoRA (16-bit base): same task, same steps")
+
+
+def bar_panels(rows: dict[str, dict], panels: list[tuple], title: str):
+    """One bar chart per panel (key, axis label, factor, number format), a bar per row, values written on the bars.
+
+    A row's "ci" (a [low, high] fraction) draws an interval on the "accuracy" bars.
+    Example: bar_panels({"a": {"kl": 0.1}, "b": {"kl": 0.3}}, [("kl", "KL (nats)", 1.0, "{:.2f}")], "KL")
+    """
+    names = list(rows)
+    colors = ["tab:purple", "tab:gray", "tab:olive", "tab:cyan", "tab:brown", "tab:pink"][: len(names)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.8 + 0.15 * max(len(n) for n in names)),
+                             squeeze=False)
+    for ax, (key, label, factor, fmt) in zip(axes[0], panels):
         values = [(rows[n].get(key) or 0) * factor for n in names]
         cis = [rows[n].get("ci") for n in names] if key == "accuracy" else [None]
         err = ([[v - 100 * c[0] for v, c in zip(values, cis)], [100 * c[1] - v for v, c in zip(values, cis)]]
@@ -554,5 +563,30 @@ def plot_qlora_vs_lora(rows: dict[str, dict], memory_label: str = "peak memory")
         ax.set_ylabel(label)
         ax.set_ylim(0, max([v + (err[1][i] if err else 0) for i, v in enumerate(values)] + [1e-9]) * 1.15)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("QLoRA (4-bit NF4 base) vs LoRA (16-bit base): same task, same steps")
+        ax.tick_params(axis="x", labelrotation=30 if len(names) > 2 else 0, labelsize=8)
+    fig.suptitle(title)
+    return _finish(fig)
+
+
+def plot_update_vs_step(rows: list[dict], title: str = "Merging into 4-bit: the update against the NF4 step"):
+    """Per LoRA layer (ship.update_vs_step): median |dW| / NF4 step, and the re-quantization error relative to dW.
+
+    Example: plot_update_vs_step(ship.update_vs_step(model))
+    """
+    kinds = sorted({r["kind"] for r in rows})
+    fig, (ax_ratio, ax_err) = plt.subplots(1, 2, figsize=(12, 4))
+    for i, kind in enumerate(kinds):
+        mine = [r for r in rows if r["kind"] == kind]
+        for ax, key in ((ax_ratio, "ratio"), (ax_err, "error")):
+            ax.plot([r["layer"] for r in mine], [r[key] for r in mine], "o-", ms=3, color=f"C{i}", label=kind)
+    ax_ratio.axhline(0.5, color="black", ls="--", lw=1, label="half a step: below it, a weight rounds back")
+    ax_err.axhline(1.0, color="black", ls="--", lw=1, label="1: as if the update were dropped")
+    ax_ratio.set_ylabel("median |dW| / local NF4 step (log)")
+    ax_err.set_ylabel("|dW stored - dW| / |dW| (log)")
+    for ax in (ax_ratio, ax_err):
+        ax.set_yscale("log")
+        ax.set_xlabel("decoder layer")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    fig.suptitle(title)
     return _finish(fig)

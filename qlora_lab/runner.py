@@ -161,7 +161,9 @@ def run_notebook(notebook: Path, profile: str, out_dir: Path, overrides: dict | 
     out_dir.mkdir(parents=True, exist_ok=True)
     output = out_dir / notebook.name
     # the kernel inherits this process's environment: make `import qlora_lab` work from a checkout
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(paths.REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    # (restored afterwards, so later subprocesses of this process do not import the checkout by surprise)
+    saved_path = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(paths.REPO_ROOT), saved_path]))
     # papermill warns about every line of a multi-line parameter (our PROFILES dict); it is fine
     logging.getLogger("papermill.translators").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="Cell is missing an id field")  # papermill's injected cell has none
@@ -176,6 +178,11 @@ def run_notebook(notebook: Path, profile: str, out_dir: Path, overrides: dict | 
         error = describe_error(err)
     except Exception as err:  # kernel died, timeout, bad notebook: still a failed entry, not a crash
         error = {"cell_index": None, "source": "", "ename": type(err).__name__, "evalue": str(err), "traceback": ""}
+    finally:
+        if saved_path is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved_path
     seconds = time.perf_counter() - start
     results = read_results(output) if output.exists() else {}
     return {"status": "failed" if error else "ok", "seconds": round(seconds, 2), "results": results,

@@ -1,4 +1,4 @@
-"""Ship a fine-tune: save and reload the adapter, merge it five ways, and see what merging keeps (labs 05, 07).
+"""Ship a fine-tune: save and reload the adapter, merge it, and see what merging keeps (labs 05, 07).
 
 - `save_adapter` / `load_adapter`: peft's adapter files (megabytes) and a fresh base to put them on;
   `check_adapter_base` warns when an adapter meets another base model than it was trained on.
@@ -9,6 +9,8 @@
 - `update_vs_step`: per layer, how big the update is next to the NF4 step of the weights it
   lands on, and how much of it survives quantizing W + delta W again (bitsandbytes' own kernels).
 - `generation_speed`: generated tokens per second, fixed length, repeated.
+- Lab 07: `VARIANTS` (five ways to ship), `adapter_for` (lab 05's adapter, or trained the same way),
+  `build_variant` (build one and save what it would ship) and `measure_variant`.
 
 Shortcuts: 4-bit layers are bitsandbytes' `Linear4bit`; the survival check quantizes with the layer's
 own settings (NF4/FP4, blocksize, double quantization), as peft's merge does.
@@ -18,13 +20,14 @@ import json
 import statistics
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import bitsandbytes.functional as bnbf
 import torch
 from peft import PeftModel
 
-from qlora_lab import evals, models, quant, recipe
+from qlora_lab import data, evals, lora, models, quant, recipe, shapes, train
 
 
 def save_adapter(model, out_dir: str | Path) -> dict:
@@ -218,3 +221,88 @@ def generation_speed(model, tokenizer, rows, new_tokens: int = 32, repeats: int 
     rates = [len(rows) * new_tokens / s for s in seconds]
     return {"tokens_per_second": statistics.median(rates), "range": [min(rates), max(rates)], "seconds": seconds,
             "batch": len(rows), "new_tokens": new_tokens}
+
+
+# --------------------------------------------------------------------------- lab 07: five ways to ship
+
+
+VARIANTS = {  # name -> how it is built (build_variant); the first is the reference the others are compared with
+    "adapter on NF4": "the 4-bit base as trained, the adapter beside it (peft): what lab 05 measured",
+    "merged into NF4": "peft's merge_and_unload on the 4-bit model: each layer dequantized, W + dW, quantized again",
+    "merged into 16-bit": "the 16-bit base loaded and the adapter merged into it: the common recipe",
+    "NF4 dequantized, merged": "the NF4 weights dequantized to 16-bit (what the adapter trained against), then merged",
+    "that, re-quantized": "the previous model saved, then loaded in NF4 again, to serve in 4-bit",
+}
+
+
+def adapter_for(spec: str, r: int, alpha: float, config, progress: bool = True) -> tuple[Path, str]:
+    """Lab 05's adapter for this configuration: the one lab 05 saved, else trained now the same way and saved.
+
+    Returns (adapter folder, where it came from). Example: adapter_for("smollm2-135m", 16, 32, cfg)[1] -> "saved by lab 05"
+    """
+    out = train.run_dir("adapter", spec, r, alpha, config)
+    if (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists():
+        return out, f"saved by lab 05 ({out})"
+    start = time.perf_counter()
+    model, tokenizer = models.load_model(spec, quant="nf4", double_quant=True)
+    torch.manual_seed(0)  # as lab 05 seeds the adapters' A matrices
+    model = lora.add_lora(model, r=r, alpha=alpha, targets=shapes.ALL_LINEAR, dropout=0.0)
+    train.finetune(model, tokenizer, data.load_task()["train"], None, replace(config, eval_every=0),
+                   train.run_dir("qlora", spec, r, alpha, config), resume=False, progress=progress)
+    frozen_to_compute_dtype(model)
+    save_adapter(model, out)
+    return out, f"trained now with lab 05's recipe, {time.perf_counter() - start:.0f} s (lab 05 had not saved it)"
+
+
+def build_variant(name: str, adapter_dir: str | Path, spec: str, out_dir: str | Path):
+    """Build one of VARIANTS and save what it would ship into out_dir; returns (model, tokenizer, bytes on disk).
+
+    Example: model, tok, size = build_variant("merged into 16-bit", adapter_dir, "smollm2-135m", "runs/ship")
+    """
+    out = Path(out_dir) / name.replace(" ", "-").replace(",", "")
+    if name == "adapter on NF4":
+        model, tokenizer = load_adapter(adapter_dir, spec, quant="nf4")
+        model.get_base_model().save_pretrained(str(out))  # the 4-bit base; the adapter folder ships beside it
+        return model, tokenizer, dir_bytes(out) + dir_bytes(adapter_dir)
+    if name == "merged into NF4":
+        model, tokenizer = merge_into_4bit(adapter_dir, spec)
+        model.save_pretrained(str(out))
+    elif name in ("merged into 16-bit", "NF4 dequantized, merged"):
+        model, tokenizer = merge_adapter(adapter_dir, spec, out, base_from_4bit=name.startswith("NF4"))
+    elif name == "that, re-quantized":
+        source = Path(out_dir) / "NF4-dequantized-merged"
+        model, tokenizer = models.load_model(str(source), quant="nf4", double_quant=True)
+        model.save_pretrained(str(out))
+    else:
+        raise ValueError(f"unknown variant {name!r}; the variants are {list(VARIANTS)}")
+    return model.eval(), tokenizer, dir_bytes(out)
+
+
+def measure_variant(model, tokenizer, eval_rows, compare_rows, reference_logits, speed_rows, new_tokens: int,
+                    repeats: int, max_new_tokens: int = 48) -> dict:
+    """What lab 07 measures of one variant: generated exact match, outputs against the reference, speed.
+
+    reference_logits: evals.answer_logits of the reference on compare_rows (None: this is the reference).
+    Example: measure_variant(m, tok, rows, rows[:32], ref, rows[:8], 32, 3)["kl"] -> 0.0031
+    """
+    generated = evals.generation_eval(model, tokenizer, eval_rows, max_new_tokens=max_new_tokens)
+    logits = evals.answer_logits(model, tokenizer, compare_rows)
+    outputs = evals.compare_outputs(logits if reference_logits is None else reference_logits, logits,
+                                    evals.answer_targets(tokenizer, compare_rows))
+    speed = generation_speed(model, tokenizer, speed_rows, new_tokens=new_tokens, repeats=repeats)
+    return {"accuracy": generated["accuracy"], "ci": generated["ci"], "correct": generated["correct"], **outputs,
+            "tokens_per_second": speed["tokens_per_second"], "speed_range": speed["range"], "logits": logits}
+
+
+def variant_table(results: dict[str, dict]) -> dict[str, dict]:
+    """measure_variant results as table rows (name -> column -> value), in the units a reader wants.
+
+    Example: pd.DataFrame(variant_table(results)).T
+    """
+    return {name: {"exact match (%)": 100 * r["accuracy"],
+                   "95 % interval (%)": f"{100 * r['ci'][0]:.1f}-{100 * r['ci'][1]:.1f}",
+                   "KL from reference (nats)": r["kl"], "answer perplexity": r["perplexity"],
+                   "same top token (%)": 100 * r["same_top1"], "on disk (MiB)": r["disk_bytes"] / 2**20,
+                   "tokens/s (median)": r["tokens_per_second"],
+                   "tokens/s (range)": f"{r['speed_range'][0]:.0f}-{r['speed_range'][1]:.0f}"}
+            for name, r in results.items()}

@@ -124,3 +124,19 @@ def test_paper_verdict_uses_the_three_tiers():
     verdict = findings.paper_verdict("llama-65b", 48, est, device_over)
     assert verdict.facts["decided_by"] == "device total" and not verdict.facts["fits"]
     assert "does not fit 48.0 GiB" in verdict.sentence and "device total 49.0 GiB OVER" in verdict.sentence
+
+
+def test_merge_keeps_accuracy_flips_with_the_paired_interval():
+    kept = findings.merge_keeps_accuracy("merged into 16-bit", *_paired(158, 3, 4, 35), kl=0.003)
+    lost = findings.merge_keeps_accuracy("merged into NF4", *_paired(120, 2, 41, 37), kl=0.2)
+    assert kept.facts["verdict"] == "tie" and "keeps what was learned" in kept.sentence
+    assert lost.facts["verdict"] == "worse" and "loses accuracy" in lost.sentence and lost.facts["ci"][1] < 0
+
+
+def test_update_survival_and_inference_speed_flip():
+    assert findings.update_survival(0.04, 3.1).facts["survives"] is False
+    assert findings.update_survival(2.0, 0.2).facts["survives"] is True
+    tie = findings.inference_speed({"4-bit": (60, 55, 66), "16-bit": (63, 58, 70)}, "CPU")
+    apart = findings.inference_speed({"4-bit": (60, 58, 61), "16-bit": (90, 88, 93)}, "CPU")
+    assert tie.facts["tie"] and "a tie" in tie.sentence
+    assert not apart.facts["tie"] and apart.facts["fastest"] == "16-bit" and "1.5x" in apart.sentence

@@ -5,6 +5,7 @@ Each lab runs in a fresh kernel through the runner (papermill) in its own test f
 text; this file checks that every lab has such a test, and runs lab 00.
 """
 
+import os
 from pathlib import Path
 
 import nbformat
@@ -95,7 +96,8 @@ def test_the_colab_cell_installs_from_a_built_wheel_in_a_fresh_venv(tmp_path):
                     str(wheel)], check=True, timeout=300)  # force: the system's editable install would satisfy it
     done = subprocess.run([str(python), "-c", "import qlora_lab, qlora_lab.runner; print(qlora_lab.__file__)\n"
                            "from qlora_lab import data; assert len(data.general_text()) > 4000  # shipped in the wheel"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})  # Colab sets none
     assert done.returncode == 0 and str(tmp_path / "venv") in done.stdout, done.stderr
     check = subprocess.run([str(python), "-m", "qlora_lab", "env", "--check", "--core"], capture_output=True, text=True,
                            cwd=tmp_path, timeout=300)
