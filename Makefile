@@ -41,7 +41,7 @@ lint:
 	$(PYTHON) -m ruff check qlora_lab tests data
 
 test: install browser-deps lint
-	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -ra -n $(WORKERS) --dist loadgroup  # one thread per worker: no oversubscription
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -ra --durations=15 -n $(WORKERS) --dist loadgroup  # one thread per worker: no oversubscription
 
 # The GPU suite needs only the core requirements (no JupyterLab, no browser, no offline model:
 # GPU profiles use random:<shape> models), so it also runs on an offline GPU host with a wheelhouse.

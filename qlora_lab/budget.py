@@ -15,7 +15,7 @@ import json
 import sys
 from dataclasses import dataclass
 
-from qlora_lab import models, recipe, shapes, vram
+from qlora_lab import fsdp, models, recipe, shapes, vram
 from qlora_lab.runner import OneLineParser
 from qlora_lab.vram import Estimate, GiB, SetupError, estimate
 
@@ -252,13 +252,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-outputs", action=argparse.BooleanOptionalAction, default=d.keep_outputs,
                    help="a hand loop that keeps out = model(...) alive through backward")
     p.add_argument("--gpu", default=None, help=f"also say whether it fits: {', '.join(GPUS)}")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs to shard over with FSDP (needs --fsdp); bytes per GPU")
+    p.add_argument("--fsdp", action="store_true", help="FSDP FULL_SHARD over --gpus GPUs (PEFT's FSDP + QLoRA recipe)")
+    p.add_argument("--cpu-offload", action="store_true", help="with --fsdp: shards, gradients, optimizer in CPU RAM")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = vars(p.parse_args(argv))
     as_json, gpu = args.pop("json"), args.pop("gpu")
+    gpus, sharded, offload = args.pop("gpus"), args.pop("fsdp"), args.pop("cpu_offload")
     try:
         if gpu is not None:
             gpu_bytes(gpu)
-        est = estimate(**args)
+        if (gpus > 1 or offload) and not sharded:
+            raise SetupError("--gpus N and --cpu-offload describe an FSDP run: add --fsdp")
+        est = fsdp.estimate(gpus=gpus, cpu_offload=offload, **args) if sharded else estimate(**args)
     except SetupError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -333,3 +333,38 @@ def paper_verdict(name: str, target_gib: float, predicted, measured=None) -> Fin
     return Finding(f"{name}, measured at batch 1: {v}; the calculator predicted "
                    f"{predicted.peak_allocated_bytes / 2**30:.1f} GiB allocated",
                    {"fits": v.fits, "decided_by": v.decided_by, "measured": True})
+
+
+# --------------------------------------------------------------------------- lab 08: FSDP across GPUs
+
+
+def sharded_job(ranks: list[dict], predicted_local_bytes: float, tolerance: float = 0.05) -> Finding:
+    """Did the FSDP job shard as predicted and compute what one process computes? From launch()'s rank results.
+
+    Example: sharded_job([{"local_param_bytes": 100, "losses": [5.0, 4.9], "unsharded_loss": 5.0}], 98).sentence
+    """
+    local = [r["local_param_bytes"] for r in ranks]
+    error = max(abs(b / predicted_local_bytes - 1) for b in local)
+    same = all(abs(r["losses"][0] - r["unsharded_loss"]) <= 1e-3 * abs(r["unsharded_loss"]) for r in ranks)
+    falls = all(r["losses"][-1] < r["losses"][0] for r in ranks)
+    return Finding(
+        f"Each of the {len(ranks)} ranks held {min(local) / 2**20:.2f}-{max(local) / 2**20:.2f} MiB of parameters, "
+        f"{'within' if error <= tolerance else 'NOT within'} {tolerance:.0%} of the calculator's sharded weights + "
+        f"adapters ({predicted_local_bytes / 2**20:.2f} MiB, worst {error:.1%}); the first sharded forward "
+        f"{'gave' if same else 'did NOT give'} the unsharded model's loss, and the loss "
+        f"{'fell' if falls else 'did NOT fall'} over {len(ranks[0]['losses'])} steps on every rank.",
+        {"worst_error": error, "same_loss": same, "loss_falls": falls})
+
+
+def offload_verdicts(verdicts: dict[str, budget.Verdict]) -> Finding:
+    """Which FSDP setups fit each GPU, predicted (labelled so): name -> budget.Verdict of one GPU.
+
+    Example: offload_verdicts({"2 GPUs": v1, "2 GPUs + CPU offload": v2}).facts["fit"] -> ["2 GPUs + CPU offload"]
+    """
+    fit = [name for name, v in verdicts.items() if v.fits]
+    listing = "; ".join(f"{name}: {'fits' if v.fits else 'does not fit'} (device total "
+                        f"{v.tiers['device total'] / 2**30:.1f} GiB)" for name, v in verdicts.items())
+    limit = next(iter(verdicts.values())).limit_bytes / 2**30
+    return Finding(f"Predicted per GPU against {limit:.0f} GiB: {listing}. "
+                   + (f"Only {', '.join(fit)} fit{'s' if len(fit) == 1 else ''}." if fit else "None fits."),
+                   {"fit": fit})

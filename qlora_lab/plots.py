@@ -239,7 +239,8 @@ def plot_eval_losses(losses: dict, baseline: str = "bf16"):
 
 VRAM_TERM_COLORS = {"weights": "#4c72b0", "quant_constants": "#8172b2", "lora_params": "#64b5cd",
                     "optimizer": "#dd8452", "gradients": "#c44e52", "activations": "#55a868",
-                    "logits": "#ccb974", "temporaries": "#937860", "cuda_workspace": "#8c8c8c", "casts": "#da8bc3"}
+                    "logits": "#ccb974", "temporaries": "#937860", "cuda_workspace": "#8c8c8c", "casts": "#da8bc3",
+                    "all-gathered": "#1b9e77"}  # all-gathered: FSDP's unsharded units (fsdp.estimate)
 
 
 def plot_vram_breakdown(estimates: dict, gpu_gib: dict | None = None,

@@ -310,3 +310,47 @@ def run_config(model, config: TrainConfig) -> dict:
         flat.update(r=adapter.r, lora_alpha=adapter.lora_alpha, lora_dropout=adapter.lora_dropout,
                     target_modules=sorted(targets) if isinstance(targets, (set, list, tuple)) else targets)
     return json.loads(json.dumps(flat, default=str))
+
+
+class _StepTimer(TrainerCallback):
+    """Wall time of each optimizer step (synchronized on CUDA, so GPU work is counted where it happens)."""
+
+    def __init__(self, device: str):
+        self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        self.seconds, self._start = [], 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.sync()
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.sync()
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def step_times(setup, steps: int = 9, warmup: int = 3, device: str | None = None) -> dict:
+    """Trainer step times of a vram.Setup on a random-weight model of its shape: the speed half of QLoRA vs LoRA.
+
+    The model is built by measure.build (the calculator's setup: 4-bit or 16-bit base, LoRA, checkpointing), trained
+    `steps` steps on random tokens with TrainingArguments(bf16/fp16 as the setup says, its optimizer); the first
+    `warmup` steps are dropped. Returns median, min and max seconds, tokens/s at the median, and every step.
+    Example: step_times(vram.Setup("llama-2-7b", method="qlora", batch=4, seq=512))["median_s"] -> 0.52 (H200)
+    """
+    device = device or recipe.default_device()
+    model, _ = measure.build(setup, device, wrap_mixed_precision=False)
+    ids = torch.randint(0, model.config.vocab_size, (setup.batch * steps, setup.seq),
+                        generator=torch.Generator().manual_seed(0))  # (steps x batch, seq) random tokens
+    args = TrainingArguments(output_dir=str(paths.cache_dir() / "step-times"), max_steps=steps, report_to="none",
+                             per_device_train_batch_size=setup.batch, optim=setup.optimizer, learning_rate=1e-4,
+                             bf16=setup.precision() == "bf16", fp16=setup.precision() == "fp16", save_strategy="no",
+                             logging_steps=10**6, remove_unused_columns=False, disable_tqdm=True, use_cpu=device == "cpu")
+    timer = _StepTimer(device)
+    trainer = Trainer(model=model, args=args, callbacks=[timer],
+                      train_dataset=Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()}))
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    steady = timer.seconds[warmup:]
+    median = statistics.median(steady)
+    trainer.accelerator.free_memory()
+    return {"median_s": median, "min_s": min(steady), "max_s": max(steady), "steps": steady,
+            "tokens_per_s": setup.batch * setup.seq / median}

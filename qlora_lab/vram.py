@@ -11,7 +11,7 @@ tensors exactly from the architecture and models the run users launch:
        accumulation over `grad_accum` micro-batches, the optimizer by its Trainer name
 (`mixed_precision="no"` and `keep_outputs=True` describe hand-written loops.)
 
-The step peaks at one of a few moments, each a sum of terms (`_phases`; each term is a
+The step peaks at one of a few moments, each a sum of terms (`step_phases`; each term is a
 function in `terms`, whose docstring gives its formula and source):
   forward        at the loss: weights + saved activations + logits, their fp32 copy and log-softmax
   layer-forward  with checkpointing: inside one layer's forward, its transient MLP tensors
@@ -170,6 +170,8 @@ class Estimate:
     paged_bytes: int = 0  # optimizer state in CUDA unified memory (not in the peak, can spill to CPU)
     overhead_bytes: int = 0  # CUDA context + allocator slack: add to compare with nvidia-smi
     params: dict = field(default_factory=dict)  # parameter counts (total, trainable)
+    gpus: int = 1  # GPUs the step is sharded over (fsdp.estimate); the bytes above are one GPU's
+    host_bytes: int = 0  # CPU RAM held for the GPUs (FSDP CPU offload: sharded weights, gradients, optimizer state)
 
     @property
     def device_bytes(self) -> int:
@@ -182,7 +184,8 @@ class Estimate:
                 "peak_phase": self.peak_phase, "run_peak_bytes": self.run_peak_bytes,
                 "run_peak_phase": self.run_peak_phase, "warnings": list(self.warnings), "terms": dict(self.terms),
                 "phases": dict(self.phases),
-                "params": dict(self.params), "setup": asdict(self.setup), "model_shape": asdict(self.shape)}
+                "params": dict(self.params), "gpus": self.gpus, "host_bytes": self.host_bytes,
+                "setup": asdict(self.setup), "model_shape": asdict(self.shape)}
 
     def table(self) -> str:
         """The breakdown as a text table (what the CLI prints), with any warnings."""
@@ -192,7 +195,8 @@ class Estimate:
                 + (f"  r={s.r} targets={s.targets}" if s.method != "full" else "")
                 + f"  {s.optimizer}  batch={s.batch} seq={s.seq}"
                 + (f" x{s.grad_accum} accumulated" if s.grad_accum > 1 else "")
-                + f"  checkpointing={'on' if s.checkpointing else 'off'}  mixed precision={s.precision()}")
+                + f"  checkpointing={'on' if s.checkpointing else 'off'}  mixed precision={s.precision()}"
+                + (f"  FSDP over {self.gpus} GPUs (bytes per GPU)" if self.gpus > 1 else ""))
         rows = [head, f"{'term':<22}{'GiB':>10}"]
         rows += [f"{k:<22}{v / GiB:>10.3f}" for k, v in self.terms.items()]
         rows += [f"{'peak allocated':<22}{self.peak_allocated_bytes / GiB:>10.3f}   (a step's peak, at {self.peak_phase})",
@@ -201,10 +205,12 @@ class Estimate:
                  f"{'CUDA overhead':<22}{self.overhead_bytes / GiB:>10.3f}   (context + allocator slack)",
                  f"{'device total':<22}{self.device_bytes / GiB:>10.3f}   (compare with nvidia-smi)",
                  f"trainable {self.params['trainable']:,} of {self.params['total']:,} parameters"]
+        if self.host_bytes:
+            rows.insert(-1, f"{'CPU offload (RAM)':<22}{self.host_bytes / GiB:>10.3f}   (all GPUs' shards, in CPU RAM)")
         return "\n".join(rows + [f"warning: {w}" for w in self.warnings])
 
 
-def _phases(setup: Setup, sh: Arch, device: str = "cuda") -> dict[str, dict[str, int]]:
+def step_phases(setup: Setup, sh: Arch, device: str = "cuda") -> dict[str, dict[str, int]]:
     """Bytes by term at each candidate peak moment of a step (and of loading, see load_phases)."""
     t = setup.batch * setup.seq
     persistent = {"weights": terms.weight_bytes(setup, sh), "quant_constants": terms.quant_constant_bytes(setup, sh),
@@ -259,7 +265,7 @@ def estimate(model="llama-2-7b", device: str = "cuda", **kwargs) -> Estimate:
     validate(setup, sh)
     setup = replace(setup, optimizer=recipe.optimizer(setup.optimizer).name,  # aliases: one name in results
                     mixed_precision=setup.precision())
-    phases = _phases(setup, sh, device)
+    phases = step_phases(setup, sh, device)
     totals = {name: sum(terms.values()) for name, terms in phases.items()}
     peak_phase = max(totals, key=totals.get)
     run = {**terms.load_phases(setup, sh), **totals}

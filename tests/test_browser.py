@@ -20,7 +20,7 @@ import urllib.request
 
 import pytest
 
-from qlora_lab import paths
+from qlora_lab import models, paths
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SHOTS = paths.REPO_ROOT / "runs" / "browser"
@@ -30,8 +30,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 
 pytestmark = [
     pytest.mark.notebooks,
-    # one pytest-xdist worker runs every browser test (one JupyterLab server) and lab 05's smoke test,
-    # whose checkpoint folder in the cache the browser's lab 05 run uses too
+    # one pytest-xdist worker runs every browser test (one JupyterLab server, in order: lab 07 reads lab 05's adapter)
     pytest.mark.xdist_group("browser"),
     pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (apt-get install chromium; `make test` does it on Debian)"),
 ]
@@ -41,6 +40,16 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _private_cache(folder):
+    """The browser's kernels write lab 05/07/08's runs here, not where the papermill tests (another worker) write
+    theirs; the converted model and tokenizers are the shared cache's (converted first if missing)."""
+    models.checkpoint_for(models.DEFAULT_MODEL)
+    for entry in paths.cache_dir().iterdir():
+        if not entry.name.startswith((".", "lab05", "fsdp-")):
+            (folder / entry.name).symlink_to(entry)
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +67,7 @@ def jupyterlab(tmp_path_factory):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(values)
     env = {**os.environ, "QLORA_LAB_PROFILE": "smoke", "JUPYTERLAB_SETTINGS_DIR": str(settings),
+           "QLORA_LAB_CACHE": str(_private_cache(tmp_path_factory.mktemp("cache"))),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(paths.REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--allow-root", f"--port={port}", "--ip=127.0.0.1",
            f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={root}",

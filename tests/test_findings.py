@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from qlora_lab import findings
+from qlora_lab import budget, findings
 
 
 def test_mse_ranking_names_the_measured_winner():
@@ -140,3 +140,20 @@ def test_update_survival_and_inference_speed_flip():
     apart = findings.inference_speed({"4-bit": (60, 58, 61), "16-bit": (90, 88, 93)}, "CPU")
     assert tie.facts["tie"] and "a tie" in tie.sentence
     assert not apart.facts["tie"] and apart.facts["fastest"] == "16-bit" and "1.5x" in apart.sentence
+
+
+def test_sharded_job_flips_on_bytes_loss_and_learning():
+    good = [{"local_param_bytes": 100 * 2**20, "losses": [5.0, 4.8], "unsharded_loss": 5.0}] * 2
+    f = findings.sharded_job(good, 101 * 2**20)
+    assert f.facts == {"worst_error": pytest.approx(1 / 101), "same_loss": True, "loss_falls": True}
+    assert "within 5%" in f.sentence and "gave" in f.sentence and "fell" in f.sentence
+    bad = [{"local_param_bytes": 200 * 2**20, "losses": [7.0, 7.5], "unsharded_loss": 5.0}]
+    f = findings.sharded_job(bad, 101 * 2**20)
+    assert "NOT within" in f.sentence and "did NOT give" in f.sentence and "did NOT fall" in f.sentence
+
+
+def test_offload_verdicts_names_what_fits():
+    fits, over = budget.verdict(10 * 2**30, 0, 12 * 2**30, 24 * 2**30), budget.verdict(28 * 2**30, 0, 32 * 2**30, 24 * 2**30)
+    f = findings.offload_verdicts({"2 GPUs": over, "2 GPUs + offload": fits})
+    assert f.facts["fit"] == ["2 GPUs + offload"] and "Only 2 GPUs + offload fits" in f.sentence
+    assert findings.offload_verdicts({"2 GPUs": over}).facts["fit"] == []

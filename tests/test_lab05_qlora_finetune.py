@@ -26,7 +26,7 @@ def check(r: dict):
 
 
 @pytest.mark.notebooks
-@pytest.mark.xdist_group("browser")  # not at the same time as the browser test's lab 05 (same checkpoint folder)
+@pytest.mark.xdist_group("lab05-adapter")  # lab 07's smoke test reads the adapter this one saves
 def test_lab05_smoke():
     r = run_lab("05_qlora_finetune")
     check(r)

@@ -43,7 +43,7 @@ def test_lab07_trains_with_lab05s_recipe():
 
 
 @pytest.mark.notebooks
-@pytest.mark.xdist_group("browser")  # lab 05's adapter folder: not at the same time as lab 05
+@pytest.mark.xdist_group("lab05-adapter")  # after lab 05's smoke test, on the same worker
 def test_lab07_smoke():
     r = run_lab("07_after_training")
     check(r)

