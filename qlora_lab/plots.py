@@ -513,8 +513,8 @@ def plot_finetune_curves(log_history: list[dict], before: dict | None = None, af
                     label=f"final eval ({after['examples']} examples)")
     if generated is not None:
         pct = [100 * g["accuracy"] for g in generated]
-        err = [[p - 100 * g["ci"][0] for p, g in zip(pct, generated)],
-               [100 * g["ci"][1] - p for p, g in zip(pct, generated)]]
+        err = [[max(0.0, p - 100 * g["ci"][0]) for p, g in zip(pct, generated)],  # max: rounding at 0 % or 100 %
+               [max(0.0, 100 * g["ci"][1] - p) for p, g in zip(pct, generated)]]
         ax_acc.errorbar([0, last], pct, yerr=err, fmt="D", color="tab:red", capsize=4,
                         label=f"generated exact match, 95 % interval ({generated[1]['examples']} examples)")
     ax_loss.set_yscale("log")

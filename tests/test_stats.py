@@ -48,3 +48,8 @@ def test_call_flips_where_the_interval_crosses_zero():
     assert stats.call(*stats.paired_difference_ci(same, same)[1:]) == "tie"
     better = [1] * 190 + [0] * 10
     assert stats.call(*stats.paired_difference_ci(better, same)[1:]) == "higher"
+
+
+@pytest.mark.parametrize("n", [100, 200, 7])
+def test_wilson_ends_are_exact_at_zero_and_all(n):
+    assert stats.wilson(0, n)[0] == 0.0 and stats.wilson(n, n)[1] == 1.0  # no 3e-18 below a 0 % point in a plot
