@@ -1,8 +1,8 @@
 """QLoRA Lab: learn QLoRA (a frozen 4-bit NF4 base model plus trainable LoRA adapters) by measuring it.
 
 One module per concern; import the one you need (`from qlora_lab import models`).
-Importing the package itself is cheap and has no side effects: torch and friends load
-only when a module that needs them is imported.
+Importing the package itself is cheap: torch and friends load only when a module that
+needs them is imported. Its one side effect quiets one bitsandbytes log line (below).
 
     models   load a model: the offline default, a local checkpoint, a hub id, or a random shape
     data     the task data set, chat formatting, prompt masking, batching
@@ -14,11 +14,21 @@ only when a module that needs them is imported.
     quant    NF4/FP4/INT4 from scratch, bit-exact with bitsandbytes (CPU and CUDA)
     lora     LoRA through peft: configs, parameter counts, the cached r/alpha sweep
     checks   the only-LoRA-trains checker
-    train    evaluation (exact match), Trainer fine-tuning, save, reload, merge
+    train    Trainer fine-tuning (resumable, measured), step times
+    evals    generated and teacher-forced exact match, perplexity;  stats: intervals, paired tests
+    ship     save, reload, merge five ways, generation speed
+    fsdp     FSDP across GPUs: per-GPU estimate, failure-point checker, launch and collect
+    findings each lab's conclusions, built from the run's numbers
     plots    one function per figure;  widgets: the interactive panels
 """
 
+import logging
+
 from qlora_lab.results import record
+
+# bitsandbytes looks for an optional faster CPU kernel (the `kernels` package) and logs a warning when it is
+# absent; its built-in CPU kernel is used then, which is what the labs measure. One line of noise per lab: hidden.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __all__ = ["record"]
 __version__ = "0.1.0"

@@ -43,7 +43,7 @@ def evaluate(model, tokenizer, rows, batch_size: int = 16, progress: bool = Fals
     model.eval()
     encoded = [data.encode(row, tokenizer) for row in rows]
     collate = data.Collator(tokenizer.pad_token_id)
-    loss_sum, n_tokens, correct, margins = 0.0, 0, [], []
+    loss_sum, n_tokens, correct, margins, only_end = 0.0, 0, [], [], []
     device = next(p for p in model.parameters()).device
     for chunk in tqdm(list(_batches(encoded, batch_size)), desc="eval", unit="batch", disable=not progress, leave=False):
         batch = {k: v.to(device) for k, v in collate(chunk).items()}
@@ -58,9 +58,12 @@ def evaluate(model, tokenizer, rows, batch_size: int = 16, progress: bool = Fals
         top2 = logits.topk(2, dim=-1).values  # (batch, seq-1, 2)
         gap = (top2[..., 0] - top2[..., 1]).masked_fill(~mask, float("inf"))
         margins += gap.min(dim=1).values.tolist()
+        last = mask & (mask.cumsum(1) == mask.sum(1, keepdim=True))  # (batch, seq-1): the end-of-turn position
+        missed = mask & (logits.argmax(-1) != targets)
+        only_end += (missed.any(1) & ~(missed & ~last).any(1)).tolist()  # wrong at the end-of-turn token alone
     model.train(was_training)
     return {"loss": loss_sum / n_tokens, "accuracy": sum(correct) / len(correct), "correct": correct,
-            "margins": margins, "examples": len(correct), "answer_tokens": n_tokens}
+            "margins": margins, "wrong_only_at_end": only_end, "examples": len(correct), "answer_tokens": n_tokens}
 
 
 @torch.no_grad()

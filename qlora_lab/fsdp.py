@@ -137,8 +137,9 @@ def check(setup: vram.Setup | None = None, gpus: int = 2, quant_storage: str = "
             "from_pretrained(dtype=) the same.", "peft#1432, axolotl#1494, PEFT FSDP guide")
     if qlora and param_dtype is not None and param_dtype != quant_storage:
         add("param_dtype", f"FSDP casts parameters to {param_dtype} while the 4-bit codes are stored as {quant_storage}: "
-            "the packed codes are converted as if they were numbers, and the model trains on what amounts to random "
-            "weights, without an error.", f"mixed precision param_dtype = the quant storage dtype ({quant_storage}); "
+            "the packed codes are converted as if they were numbers: depending on the versions and sizes, a crash "
+            "(a shape error when the codes are unpacked, as lab 08 runs it) or training on what amounts to random "
+            "weights, without an error.", "store the codes as bf16 (bnb_4bit_quant_storage) and set param_dtype to it; "
             "transformers' Trainer sets this itself for a quantized model", "answerdotai/fsdp_qlora README, accelerate#2544")
     if qlora and setup.prepare:
         add("prepare_upcast", "prepare_model_for_kbit_training upcasts norms and embeddings to fp32, so a decoder layer "
@@ -163,7 +164,8 @@ def check(setup: vram.Setup | None = None, gpus: int = 2, quant_storage: str = "
     if gpu_bytes is not None:
         per_gpu = estimate(setup.model, gpus=gpus, cpu_offload=cpu_offload, **_fields(setup))
         if per_gpu.device_bytes > gpu_bytes:
-            add("per_gpu_memory", f"even sharded over {gpus} GPUs a step needs about {per_gpu.device_bytes / 2**30:.1f} "
+            add("per_gpu_memory", f"even sharded over {gpus} GPUs a step of this configuration needs about "
+                f"{per_gpu.device_bytes / 2**30:.1f} "
                 f"GiB per GPU, more than the {gpu_bytes / 2**30:.1f} GiB each has.",
                 "CPU offload (fsdp_offload_params), more GPUs, a smaller batch or sequence", "this calculator")
     return found

@@ -9,6 +9,7 @@ Sections below are in lab order.
 """
 
 import math
+import textwrap
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -29,13 +30,16 @@ def table(frame: pd.DataFrame, digits: int | None = None) -> None:
     Example: table(pd.DataFrame({"reference": ['{"name": "Lorenzo", ...}'], "generated": [...]}))
     """
     with pd.option_context("display.max_colwidth", None, "display.width", 250):
-        display(frame.round(digits) if digits is not None else frame)
+        if digits is not None:  # cell by cell: a transposed frame holds its numbers in text (object) columns
+            frame = frame.map(lambda v: round(v, digits) if isinstance(v, float) else v)
+        display(frame)
 
 
 # ---- lab 04: only LoRA trains
 
 
-def plot_setup_losses(curves: dict[str, list[float]], title: str = "Loss on one batch per training setup"):
+def plot_setup_losses(curves: dict[str, list[float]], title: str = "Loss on one batch per training setup",
+                      ylabel: str = "loss on the batch (nats per answer token)"):
     """One line per training setup: its loss on a single repeated batch after 0, 1, 2, ... optimizer steps.
 
     A healthy setup falls; one that trains nothing stays flat; wrong gradients fall slowly.
@@ -50,7 +54,7 @@ def plot_setup_losses(curves: dict[str, list[float]], title: str = "Loss on one 
         ax.plot(range(len(losses)), losses, label=name, linewidth=3.5 if main else 1.6, zorder=1 if main else 2,
                 linestyle="-" if main else styles[i % len(styles)], marker="o" if main else markers[i % len(markers)])
     ax.set_xlabel("optimizer steps taken on the batch")
-    ax.set_ylabel("loss on the batch (nats per answer token)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
@@ -516,7 +520,8 @@ def plot_finetune_curves(log_history: list[dict], before: dict | None = None, af
         err = [[max(0.0, p - 100 * g["ci"][0]) for p, g in zip(pct, generated)],  # max: rounding at 0 % or 100 %
                [max(0.0, 100 * g["ci"][1] - p) for p, g in zip(pct, generated)]]
         ax_acc.errorbar([0, last], pct, yerr=err, fmt="D", color="tab:red", capsize=4,
-                        label=f"generated exact match, 95 % interval ({generated[1]['examples']} examples)")
+                        label=f"generated exact match, 95 % interval (before: {generated[0]['examples']} items, "
+                              f"after: {generated[1]['examples']})")
     ax_loss.set_yscale("log")
     ax_loss.set_xlabel("optimizer step")
     ax_loss.set_ylabel("cross-entropy per answer token (nats, log scale)")
@@ -555,16 +560,16 @@ def bar_panels(rows: dict[str, dict], panels: list[tuple], title: str):
     for ax, (key, label, factor, fmt) in zip(axes[0], panels):
         values = [(rows[n].get(key) or 0) * factor for n in names]
         cis = [rows[n].get("ci") for n in names] if key == "accuracy" else [None]
-        err = ([[v - 100 * c[0] for v, c in zip(values, cis)], [100 * c[1] - v for v, c in zip(values, cis)]]
-               if all(cis) else None)  # a 95 % interval on each accuracy bar, when given
-        bars = ax.bar(names, values, color=colors, yerr=err, capsize=5)
+        err = ([[max(0.0, v - 100 * c[0]) for v, c in zip(values, cis)],  # max: rounding at 0 % or 100 %
+                [max(0.0, 100 * c[1] - v) for v, c in zip(values, cis)]] if all(cis) else None)  # 95 % intervals
+        bars = ax.bar([textwrap.fill(n, 13) for n in names], values, color=colors, yerr=err, capsize=5)
         for i, (bar, value) in enumerate(zip(bars, values)):
             top = value + (err[1][i] if err else 0)  # above the interval's cap
             ax.annotate(fmt.format(value), (bar.get_x() + bar.get_width() / 2, top), ha="center", va="bottom", fontsize=9)
         ax.set_ylabel(label)
         ax.set_ylim(0, max([v + (err[1][i] if err else 0) for i, v in enumerate(values)] + [1e-9]) * 1.15)
         ax.grid(axis="y", alpha=0.3)
-        ax.tick_params(axis="x", labelrotation=30 if len(names) > 2 else 0, labelsize=8)
+        ax.tick_params(axis="x", labelsize=8)  # names wrapped onto lines of 13 characters: no overlap
     fig.suptitle(title)
     return _finish(fig)
 

@@ -116,6 +116,7 @@ def start_lab(profiles: dict, profile: str = "auto", overrides: dict | None = No
     Example: P, info = start_lab(PROFILES, "smoke")  # P.profile -> "smoke"
     """
     settings = profile_settings(profiles, profile, overrides)
+    _quiet_library_bars()
     budget = env.enforce_gpu_memory()
     print(f"profile {settings.profile!r}:", ", ".join(f"{k}={v!r}" for k, v in vars(settings).items() if k != "profile"))
     info = env.report()
@@ -125,6 +126,16 @@ def start_lab(profiles: dict, profile: str = "auto", overrides: dict | None = No
     record("profile", settings.profile)
     record("gpu_budget_bytes", budget)
     return settings, {**info, "gpu_budget_bytes": budget}
+
+
+def _quiet_library_bars() -> None:
+    """Turn off datasets' and transformers' progress bars (map, weight loading: a second each, and in a saved
+    notebook they show as widgets stuck at 0 %). The labs' own bars on long work (training, sweeps) stay."""
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    datasets.disable_progress_bars()
+    transformers_logging.disable_progress_bar()
 
 
 def find_notebooks(targets: list[str] | None = None) -> list[Path]:

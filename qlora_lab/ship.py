@@ -261,8 +261,10 @@ def build_variant(name: str, adapter_dir: str | Path, spec: str, out_dir: str | 
     """
     out = Path(out_dir) / name.replace(" ", "-").replace(",", "")
     if name == "adapter on NF4":
+        base, _ = models.load_model(spec, quant="nf4", double_quant=True)
+        base.save_pretrained(str(out))  # the 4-bit base alone (get_base_model() would carry the LoRA layers too)
+        del base
         model, tokenizer = load_adapter(adapter_dir, spec, quant="nf4")
-        model.get_base_model().save_pretrained(str(out))  # the 4-bit base; the adapter folder ships beside it
         return model, tokenizer, dir_bytes(out) + dir_bytes(adapter_dir)
     if name == "merged into NF4":
         model, tokenizer = merge_into_4bit(adapter_dir, spec)

@@ -94,3 +94,29 @@ def test_kl_divergence_is_torch_distributions():
     assert evals.kl_divergence(a, b) == pytest.approx(expected, rel=1e-5)
     assert evals.kl_divergence(a, a) == pytest.approx(0, abs=1e-7)
     assert evals.kl_divergence(a, a + 3.0) == pytest.approx(0, abs=1e-6)  # a constant shift of the logits changes nothing
+
+
+class _Oracle(torch.nn.Module):
+    """Predicts every next token exactly (teacher forcing's ideal), except at one chosen answer position per row."""
+
+    def __init__(self, vocab: int, miss: str | None):
+        super().__init__()
+        self.vocab, self.miss, self.anchor = vocab, miss, torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask):
+        logits = 10 * torch.nn.functional.one_hot(torch.roll(input_ids, -1, 1), self.vocab).float()  # (batch, seq, vocab)
+        last = attention_mask.sum(1) - 2  # the position that predicts each row's final token (<|im_end|>)
+        for b, pos in enumerate(last.tolist()):
+            pos = pos if self.miss == "end" else pos - 3 if self.miss == "inside" else None
+            if pos is not None:
+                logits[b, pos] = torch.roll(logits[b, pos], 1)  # the top token is now a wrong one
+        return type("Out", (), {"logits": logits})()
+
+
+@needs_smollm2
+@pytest.mark.parametrize("miss, accuracy, only_end", [(None, 1.0, False), ("end", 0.0, True), ("inside", 0.0, False)])
+def test_evaluate_says_which_misses_are_only_the_end_of_turn_token(miss, accuracy, only_end):
+    tok = models.load_tokenizer("smollm2-135m")
+    rows = data.load_task()["eval"].select(range(3))
+    result = evals.evaluate(_Oracle(len(tok), miss), tok, rows)
+    assert result["accuracy"] == accuracy and result["wrong_only_at_end"] == [only_end] * 3

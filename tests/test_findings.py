@@ -140,12 +140,16 @@ def test_update_survival_and_inference_speed_flip():
     apart = findings.inference_speed({"4-bit": (60, 58, 61), "16-bit": (90, 88, 93)}, "CPU")
     assert tie.facts["tie"] and "a tie" in tie.sentence
     assert not apart.facts["tie"] and apart.facts["fastest"] == "16-bit" and "1.5x" in apart.sentence
+    assert "16-bit is fastest" in apart.sentence
+    top_tie = findings.inference_speed({"4-bit": (69, 68, 70), "merged": (131, 131, 132), "bf16": (130, 128, 132)}, "CPU")
+    assert "merged and bf16 tie fastest" in top_tie.sentence and not top_tie.facts["tie"]
 
 
 def test_sharded_job_flips_on_bytes_loss_and_learning():
     good = [{"local_param_bytes": 100 * 2**20, "losses": [5.0, 4.8], "unsharded_loss": 5.0}] * 2
     f = findings.sharded_job(good, 101 * 2**20)
     assert f.facts == {"worst_error": pytest.approx(1 / 101), "same_loss": True, "loss_falls": True}
+    assert "100.00 MiB" in f.sentence and "-0.99%" in f.sentence
     assert "within 5%" in f.sentence and "gave" in f.sentence and "fell" in f.sentence
     bad = [{"local_param_bytes": 200 * 2**20, "losses": [7.0, 7.5], "unsharded_loss": 5.0}]
     f = findings.sharded_job(bad, 101 * 2**20)
@@ -157,3 +161,6 @@ def test_offload_verdicts_names_what_fits():
     f = findings.offload_verdicts({"2 GPUs": over, "2 GPUs + offload": fits})
     assert f.facts["fit"] == ["2 GPUs + offload"] and "Only 2 GPUs + offload fits" in f.sentence
     assert findings.offload_verdicts({"2 GPUs": over}).facts["fit"] == []
+    tight = budget.verdict(20 * 2**30, 0, 22.6 * 2**30, 24 * 2**30)
+    assert "borderline" in findings.offload_verdicts({"4 GPUs": tight}).sentence
+    assert "borderline" not in findings.offload_verdicts({"2 GPUs + offload": fits}).sentence
