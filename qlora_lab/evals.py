@@ -68,9 +68,10 @@ def evaluate(model, tokenizer, rows, batch_size: int = 16, progress: bool = Fals
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, rows, max_new_tokens: int = 48, batch_size: int = 16,
-                     min_new_tokens: int | None = None) -> list[str]:
+                     min_new_tokens: int | None = None, token_ids: list | None = None) -> list[str]:
     """Greedy answers for rows, batched with left padding (min_new_tokens: generate at least that many, for timing).
 
+    token_ids: a list to append each answer's generated token ids to (special tokens and padding removed).
     Example: generate_answers(m, tok, rows[:2]) -> ['{"name": ...}', ...]
     """
     was_training, side = model.training, tokenizer.padding_side
@@ -86,6 +87,9 @@ def generate_answers(model, tokenizer, rows, max_new_tokens: int = 48, batch_siz
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             new_tokens = out[:, inputs["input_ids"].shape[1]:]  # (batch, generated)
             answers += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+            if token_ids is not None:
+                special = set(tokenizer.all_special_ids)
+                token_ids += [[t for t in row if t not in special] for row in new_tokens.tolist()]
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
@@ -157,13 +161,23 @@ def generation_eval(model, tokenizer, rows, max_new_tokens: int = 48, batch_size
     "fields" lists each item's wrong fields ([] when exact), "wrong_fields" counts them over all items.
     Example: generation_eval(model, tok, rows)["ci"] -> (0.744, 0.854)   # 161 of 200 exact
     """
-    rows = list(rows)
-    answers = generate_answers(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    rows, ids = list(rows), []
+    answers = generate_answers(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size, token_ids=ids)
     correct = [data.exact_match(a, row["answer"]) for a, row in zip(answers, rows)]
+    retokenized = [ok and written_differently(tokenizer, i, row["answer"]) for ok, i, row in zip(correct, ids, rows)]
     fields = [[] if ok else wrong_fields(a, row["answer"]) for a, row, ok in zip(answers, rows, correct)]
     return {"accuracy": sum(correct) / len(rows), "ci": stats.wilson(sum(correct), len(rows)), "correct": correct,
             "answers": answers, "fields": fields, "wrong_fields": dict(Counter(f for fs in fields for f in fs)),
-            "examples": len(rows)}
+            "written_differently": retokenized, "examples": len(rows)}
+
+
+def written_differently(tokenizer, generated_ids: list[int], reference: str) -> bool:
+    """Did the model write the reference text with other tokens than the tokenizer's own split of it?
+
+    Teacher forcing scores one tokenization (the tokenizer's); generation may reach the same text another way.
+    Example: written_differently(tok, tok.convert_tokens_to_ids(["0", "8"]), "08") -> True (if "08" is one token)
+    """
+    return generated_ids != tokenizer(reference, add_special_tokens=False)["input_ids"]
 
 
 @torch.no_grad()

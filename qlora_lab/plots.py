@@ -555,21 +555,22 @@ def bar_panels(rows: dict[str, dict], panels: list[tuple], title: str):
     """
     names = list(rows)
     colors = ["tab:purple", "tab:gray", "tab:olive", "tab:cyan", "tab:brown", "tab:pink"][: len(names)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.8 + 0.15 * max(len(n) for n in names)),
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.8 + 0.15 * max(len(n) for n in names)),
                              squeeze=False)
     for ax, (key, label, factor, fmt) in zip(axes[0], panels):
         values = [(rows[n].get(key) or 0) * factor for n in names]
         cis = [rows[n].get("ci") for n in names] if key == "accuracy" else [None]
         err = ([[max(0.0, v - 100 * c[0]) for v, c in zip(values, cis)],  # max: rounding at 0 % or 100 %
                 [max(0.0, 100 * c[1] - v) for v, c in zip(values, cis)]] if all(cis) else None)  # 95 % intervals
-        bars = ax.bar([textwrap.fill(n, 13) for n in names], values, color=colors, yerr=err, capsize=5)
+        bars = ax.bar([textwrap.fill(n, 12, break_long_words=False) for n in names], values, color=colors, yerr=err,
+                      capsize=5)
         for i, (bar, value) in enumerate(zip(bars, values)):
             top = value + (err[1][i] if err else 0)  # above the interval's cap
             ax.annotate(fmt.format(value), (bar.get_x() + bar.get_width() / 2, top), ha="center", va="bottom", fontsize=9)
         ax.set_ylabel(label)
         ax.set_ylim(0, max([v + (err[1][i] if err else 0) for i, v in enumerate(values)] + [1e-9]) * 1.15)
         ax.grid(axis="y", alpha=0.3)
-        ax.tick_params(axis="x", labelsize=8)  # names wrapped onto lines of 13 characters: no overlap
+        ax.tick_params(axis="x", labelsize=8)  # names wrapped onto lines of 12 characters: no overlap
     fig.suptitle(title)
     return _finish(fig)
 
@@ -587,10 +588,12 @@ def plot_update_vs_step(rows: list[dict], title: str = "Merging into 4-bit: the 
             ax.plot([r["layer"] for r in mine], [r[key] for r in mine], "o-", ms=3, color=f"C{i}", label=kind)
     ax_ratio.axhline(0.5, color="black", ls="--", lw=1, label="half a step: below it, a weight rounds back")
     ax_err.axhline(1.0, color="black", ls="--", lw=1, label="1: as if the update were dropped")
-    ax_ratio.set_ylabel("median |dW| / local NF4 step (log)")
-    ax_err.set_ylabel("|dW stored - dW| / |dW| (log)")
-    for ax in (ax_ratio, ax_err):
-        ax.set_yscale("log")
+    for ax, key, label in ((ax_ratio, "ratio", "median |dW| / local NF4 step"),
+                           (ax_err, "error", "|dW stored - dW| / |dW|")):
+        values = [r[key] for r in rows if r[key] > 0] + [0.5 if key == "ratio" else 1.0]
+        wide = max(values) / min(values) > 10  # a log axis only where the values span more than a decade
+        ax.set_yscale("log" if wide else "linear")
+        ax.set_ylabel(label + (" (log)" if wide else ""))
         ax.set_xlabel("decoder layer")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)

@@ -120,3 +120,14 @@ def test_evaluate_says_which_misses_are_only_the_end_of_turn_token(miss, accurac
     rows = data.load_task()["eval"].select(range(3))
     result = evals.evaluate(_Oracle(len(tok), miss), tok, rows)
     assert result["accuracy"] == accuracy and result["wrong_only_at_end"] == [only_end] * 3
+
+
+@needs_smollm2
+def test_written_differently_tells_the_tokenizers_split_from_another_one():
+    tok = models.load_tokenizer("smollm2-135m")
+    text = '{"date":"2024-08-10"}'  # no space: a lone space is not a token in byte-level BPE
+    canonical = tok(text, add_special_tokens=False)["input_ids"]
+    by_characters = [tok.convert_tokens_to_ids(c) for c in text]  # the same text, one character per token
+    assert tok.decode(by_characters) == text and by_characters != canonical
+    assert not evals.written_differently(tok, canonical, text)
+    assert evals.written_differently(tok, by_characters, text)
