@@ -4,8 +4,7 @@ Conventions: functions take plain data (dicts, lists, tensors), create their own
 with matplotlib's object API (`fig, ax = plt.subplots(...)`), label axes with units, list
 every plotted series in the legend, and return the figure *closed* (`_finish`), so it is
 drawn exactly once, where the notebook displays it (`display(fig)`), and tests can inspect
-it without a display. `table` shows a pandas table without cutting long cells.
-Sections below are in lab order.
+it without a display. `table` shows a pandas table without cutting long cells. Sections in lab order.
 """
 
 import math
