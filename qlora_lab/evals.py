@@ -59,7 +59,7 @@ def evaluate(model, tokenizer, rows, batch_size: int = 16, progress: bool = Fals
         gap = (top2[..., 0] - top2[..., 1]).masked_fill(~mask, float("inf"))
         margins += gap.min(dim=1).values.tolist()
         last = mask & (mask.cumsum(1) == mask.sum(1, keepdim=True))  # (batch, seq-1): the end-of-turn position
-        missed = mask & (logits.argmax(-1) != targets)
+        missed = ~hits  # (batch, seq-1): answer positions whose top token is not the reference
         only_end += (missed.any(1) & ~(missed & ~last).any(1)).tolist()  # wrong at the end-of-turn token alone
     model.train(was_training)
     return {"loss": loss_sum / n_tokens, "accuracy": sum(correct) / len(correct), "correct": correct,
@@ -78,7 +78,7 @@ def generate_answers(model, tokenizer, rows, max_new_tokens: int = 48, batch_siz
     model.eval()
     tokenizer.padding_side = "left"  # generation appends on the right, so pad on the left
     device = next(p for p in model.parameters()).device
-    answers = []
+    answers, special = [], set(tokenizer.all_special_ids)
     try:
         for chunk in _batches(list(rows), batch_size):
             prompts = [data.prompt_text(row, tokenizer) for row in chunk]
@@ -88,7 +88,6 @@ def generate_answers(model, tokenizer, rows, max_new_tokens: int = 48, batch_siz
             new_tokens = out[:, inputs["input_ids"].shape[1]:]  # (batch, generated)
             answers += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
             if token_ids is not None:
-                special = set(tokenizer.all_special_ids)
                 token_ids += [[t for t in row if t not in special] for row in new_tokens.tolist()]
     finally:
         tokenizer.padding_side = side

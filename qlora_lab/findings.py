@@ -20,6 +20,7 @@ from qlora_lab import budget, stats
 from qlora_lab.results import record
 
 TIE = 0.02  # relative difference below which two single-seed results are called a tie
+VERDICT = {"tie": "tie", "higher": "better", "lower": "worse"}  # stats.call of a difference -> the comparison's word
 
 
 @dataclass(frozen=True)
@@ -235,7 +236,7 @@ def qlora_vs_lora_accuracy(qlora_correct: list[bool], lora_correct: list[bool]) 
     n = len(qlora_correct)
     diff, low, high = stats.paired_difference_ci(qlora_correct, lora_correct)
     test = stats.mcnemar(qlora_correct, lora_correct)
-    verdict = {"tie": "tie", "higher": "better", "lower": "worse"}[stats.call(low, high)]
+    verdict = VERDICT[stats.call(low, high)]
     words = ("a tie: the interval holds 0" if verdict == "tie" else f"QLoRA {verdict}: the interval excludes 0")
     return Finding(f"Generated exact match on the same {n} items: QLoRA {100 * sum(qlora_correct) / n:.1f} % vs LoRA "
                    f"{100 * sum(lora_correct) / n:.1f} %, difference {100 * diff:+.1f} points (95 % paired interval "
@@ -275,7 +276,7 @@ def merge_keeps_accuracy(name: str, correct: list[bool], reference_correct: list
     Example: merge_keeps_accuracy("merged into 16-bit", merged, adapter, 0.004).facts["verdict"] -> "tie"
     """
     diff, low, high = stats.paired_difference_ci(correct, reference_correct)
-    verdict = {"tie": "tie", "higher": "better", "lower": "worse"}[stats.call(low, high)]
+    verdict = VERDICT[stats.call(low, high)]
     words = {"tie": "keeps what was learned (the difference's interval holds 0)",
              "worse": "loses accuracy (the interval is below 0)", "better": "scores higher (the interval is above 0)"}
     n = len(correct)

@@ -35,7 +35,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from qlora_lab import models, paths, recipe, terms, vram
-from qlora_lab.recipe import DTYPE_BYTES
 from qlora_lab.vram import Estimate
 
 SHARDED = ("weights", "lora_params", "optimizer")  # persistent terms FSDP shards (gradients: see _shard)
@@ -46,9 +45,9 @@ def unit_bytes(setup: vram.Setup, sh) -> dict[str, int]:
 
     Example: unit_bytes(vram.Setup(prepare=False), shapes.of("llama-2-70b"))["layer"] / 2**20 -> 408.0 (MiB of 4-bit codes)
     """
-    other = DTYPE_BYTES[setup.compute_dtype]  # embeddings, norms, lm_head: the storage dtype, no fp32 upcast
-    root = terms.alloc_round(sh.vocab * sh.hidden * other) * (1 if sh.tied else 2) + terms.alloc_round(sh.hidden * other)
-    layer = (terms.weight_bytes(replace(setup, prepare=False), sh) - root) // sh.layers
+    unsharded = replace(setup, prepare=False)  # FSDP flattens one dtype per unit: no fp32 upcast
+    root = terms.outer_bytes(unsharded, sh)  # embeddings, lm_head, final norm
+    layer = (terms.weight_bytes(unsharded, sh) - root) // sh.layers
     return {"root": root, "layer": layer, "layer_lora": terms.lora_bytes(setup, sh) // sh.layers}
 
 
@@ -251,13 +250,11 @@ def _load(config: dict, device):
     """The rank's model: a checkpoint in 4-bit with bf16 quant storage (FSDP's requirement), LoRA on all linears."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     dtype = recipe.DTYPES[config.get("compute_dtype", "bf16")]
-    quant = None if config.get("quant") is None else BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=config["quant"], bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage={**recipe.DTYPES, "uint8": torch.uint8}[
-            config.get("quant_storage", "bf16")])
+    storage = {**recipe.DTYPES, "uint8": torch.uint8}[config.get("quant_storage", "bf16")]
+    quant = models.bnb_config(config.get("quant"), double_quant=True, compute_dtype=dtype, quant_storage=storage)
     model = AutoModelForCausalLM.from_pretrained(config["checkpoint"], quantization_config=quant, dtype=dtype,
                                                  device_map={"": device})
     models.keep_cpu_4bit_trainable(model)  # else a CPU's first no-grad forward repacks the codes as integers

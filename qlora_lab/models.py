@@ -51,9 +51,11 @@ class ModelSpecError(ValueError):
     """A spec that cannot be turned into a model; the message says how to fix it."""
 
 
-def bnb_config(quant: str | None, double_quant: bool = True, compute_dtype: torch.dtype | None = None):
+def bnb_config(quant: str | None, double_quant: bool = True, compute_dtype: torch.dtype | None = None,
+               quant_storage: torch.dtype = torch.uint8):
     """The BitsAndBytesConfig for a quant name, or None for a 16-bit model.
 
+    quant_storage: the dtype 4-bit codes are packed into (uint8; bf16 for FSDP, which shards float tensors).
     Example: bnb_config("nf4").bnb_4bit_quant_type -> "nf4"
     """
     try:
@@ -69,7 +71,7 @@ def bnb_config(quant: str | None, double_quant: bool = True, compute_dtype: torc
         bnb_4bit_quant_type=quant,
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=compute_dtype or recipe.default_compute_dtype(),
-        bnb_4bit_quant_storage=torch.uint8,
+        bnb_4bit_quant_storage=quant_storage,
     )
 
 

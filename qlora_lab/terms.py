@@ -42,10 +42,26 @@ def weight_bytes(setup, sh: Arch) -> int:
         return shapes.parameter_counts(sh)["total"] * DTYPE_BYTES[setup.resolved_base_dtype()]
     per_weight = 0.5 if setup.quant in ("nf4", "fp4") else 1
     linear = sum(alloc_round(math.ceil(a * b * per_weight)) for a, b in shapes.linears(sh).values())
-    other = 4 if setup.prepare else DTYPE_BYTES[setup.compute_dtype]
+    other = _unquantized_bytes(setup)
     bias = sum(alloc_round(n * other) for n in (sh.q_dim, sh.kv_dim, sh.kv_dim)) if sh.qkv_bias else 0
-    embeddings = alloc_round(sh.vocab * sh.hidden * other) * (1 if sh.tied else 2)
-    return sh.layers * (linear + bias + 2 * alloc_round(sh.hidden * other)) + alloc_round(sh.hidden * other) + embeddings
+    return sh.layers * (linear + bias + 2 * alloc_round(sh.hidden * other)) + outer_bytes(setup, sh)
+
+
+def _unquantized_bytes(setup) -> int:
+    """Bytes per element of parameters that stay unquantized: fp32 after prepare's upcast, else the compute dtype
+    (qlora); lora/full: the base dtype."""
+    if setup.method != "qlora":
+        return DTYPE_BYTES[setup.resolved_base_dtype()]
+    return 4 if setup.prepare else DTYPE_BYTES[setup.compute_dtype]
+
+
+def outer_bytes(setup, sh: Arch) -> int:
+    """The parameters outside the decoder layers: embeddings, lm_head when untied, the final norm.
+
+    Example: outer_bytes(Setup(prepare=False), shapes.of("llama-2-70b")) -> 1_048_592_384 (bf16, untied head)
+    """
+    other = _unquantized_bytes(setup)
+    return alloc_round(sh.vocab * sh.hidden * other) * (1 if sh.tied else 2) + alloc_round(sh.hidden * other)
 
 
 def quant_constant_bytes(setup, sh: Arch) -> int:
