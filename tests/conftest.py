@@ -34,8 +34,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 # How many lab notebooks the GPU suite runs at once (labs 01 and 06, which read device-level
-# memory, always run alone): small models are launch-bound, so sharing the GPU overlaps well.
-GPU_JOBS = int(os.environ.get("QLORA_LAB_GPU_JOBS", "5"))
+# memory, always run alone): small models are launch-bound, so sharing the GPU overlaps well (8: all the others at once).
+GPU_JOBS = int(os.environ.get("QLORA_LAB_GPU_JOBS", "8"))
 
 
 @pytest.fixture(scope="session")
