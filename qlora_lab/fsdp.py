@@ -201,6 +201,30 @@ def checkpoint(spec: str) -> str:
     return str(out)
 
 
+def source(spec: str, backend: str) -> dict:
+    """Where the ranks get the model: a random shape on GPUs is built by every rank on its own GPU (seeded, the same
+    on each; a 70B shape's 16-bit checkpoint would need 140 GB of disk), anything else from a checkpoint.
+
+    Example: source("random:llama-2-70b", "nccl") -> {"model": "random:llama-2-70b"}
+    """
+    return {"model": spec} if spec.startswith("random:") and backend == "nccl" else {"model": spec,
+                                                                                     "checkpoint": checkpoint(spec)}
+
+
+def predict(config: dict, nproc: int) -> Estimate:
+    """The calculator's per-GPU estimate of the job launch(nproc, config) runs (same batch, sequence, rank, offload,
+    checkpointing and autocast; AdamW, no dropout, no upcast).
+
+    Example: predict({"model": "random:llama-2-70b", "batch": 2, "seq": 2048, "r": 8, "checkpointing": True,
+    "mixed_precision": "bf16"}, 2).peak_phase -> "layer-backward"
+    """
+    model = config["model"].removeprefix("random:") if "checkpoint" not in config else config["checkpoint"]
+    return estimate(model, gpus=nproc, cpu_offload=bool(config.get("cpu_offload")),
+                    device="cuda" if config.get("backend") == "nccl" else "cpu", batch=config.get("batch", 2),
+                    seq=config.get("seq", 64), r=config.get("r", 8), prepare=False, optimizer="adamw_torch",
+                    checkpointing=bool(config.get("checkpointing")), mixed_precision=config.get("mixed_precision") or "no",
+                    compute_dtype=config.get("compute_dtype", "bf16"))
+
 
 def launch(nproc: int, config: dict, out_dir: str | Path, timeout: float = 600, progress: bool = True) -> list[dict]:
     """Run `python -m qlora_lab.fsdp` (rank_main) in nproc processes (torchrun, one host) and return each rank's results.
@@ -223,18 +247,26 @@ def launch(nproc: int, config: dict, out_dir: str | Path, timeout: float = 600, 
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     with open(out_dir / "launcher.log", "w") as log:
         job = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        start, shown = time.time(), 0
+        start, shown, timed_out = time.time(), 0, False
         while job.poll() is None:
             if time.time() - start > timeout:
                 job.kill()
-                raise RuntimeError(f"the {nproc}-process job ran past {timeout:.0f} s; see {out_dir / 'launcher.log'}")
+                job.wait()
+                timed_out = True
+                break
             lines = (out_dir / "rank0.log").read_text().splitlines() if (out_dir / "rank0.log").exists() else []
             if progress and len(lines) > shown:
                 print(*lines[shown:], sep="\n", flush=True)
                 shown = len(lines)
             time.sleep(0.5)
     results = [json.loads(p.read_text()) for p in sorted(out_dir.glob("rank*.json"))]
-    if job.returncode != 0 or len(results) != nproc:
+    if any("out_of_memory" in r for r in results):  # a result, not a crash: the ranks that never wrote were stopped
+        done = {r["rank"] for r in results}
+        results += [{"rank": i, "out_of_memory": "stopped when another rank ran out of memory"}
+                    for i in range(nproc) if i not in done]
+    elif timed_out:
+        raise RuntimeError(f"the {nproc}-process job ran past {timeout:.0f} s; see {out_dir / 'launcher.log'}")
+    elif job.returncode != 0 or len(results) != nproc:
         lines = (out_dir / "launcher.log").read_text().splitlines()
         errors = [line for line in lines if re.match(r"\[rank\d+\]: \w+(Error|Exception)\b", line)]
         raise RuntimeError(f"the {nproc}-process job failed (exit {job.returncode}, {len(results)} of {nproc} ranks "
@@ -243,30 +275,96 @@ def launch(nproc: int, config: dict, out_dir: str | Path, timeout: float = 600, 
     return sorted(results, key=lambda r: r["rank"])
 
 
+def measure_case(nproc: int, config: dict, out_dir: str | Path, timeout: float = 300) -> dict:
+    """Launch one job and set what each GPU held beside the calculator: one row of lab 08's table (GiB, seconds).
+
+    outcome is "trained" or "out of memory: ..." (a result, not a crash); peak/device are the worst rank's (None on
+    a CPU, which has no allocator peak to read).
+    Example: measure_case(2, {"backend": "nccl", "model": "random:llama-2-70b", "batch": 2, "seq": 2048, "r": 8,
+    "checkpointing": True, "mixed_precision": "bf16", "steps": 3}, "runs/fsdp/70b")["error"] -> -0.02
+    """
+    import statistics
+
+    est, held = predict(config, nproc), config.get("gpu_memory_bytes")
+    ranks = launch(nproc, config, out_dir, timeout=timeout, progress=False)
+    row = {"gpus": nproc, "cpu_offload": bool(config.get("cpu_offload")), "held_gib": held / 2**30 if held else None,
+           "predicted_gib": est.peak_allocated_bytes / 2**30, "predicted_device_gib": est.device_bytes / 2**30,
+           "load_peak_gib": max(r.get("load_peak_bytes") or 0 for r in ranks) / 2**30}
+    oom = [r["out_of_memory"] for r in ranks if "out_of_memory" in r]
+    if oom:
+        return {**row, "outcome": f"out of memory: {oom[0]}"}
+    peak, device = (max(r.get(k) or 0 for r in ranks) / 2**30 or None for k in ("peak_allocated_bytes", "device_used_bytes"))
+    seconds = [statistics.median(r["step_seconds"][1:] or r["step_seconds"]) for r in ranks]  # after the first step
+    return {**row, "outcome": "trained", "peak_gib": peak, "error": peak and row["predicted_gib"] / peak - 1,
+            "device_used_gib": device, "step_seconds": max(seconds), "tokens_per_second":
+            nproc * config.get("batch", 2) * config.get("seq", 64) / max(seconds),
+            "first_loss": ranks[0]["losses"][0], "last_loss": ranks[0]["losses"][-1]}
+
+
 # --------------------------------------------------------------------------- one rank (python -m qlora_lab.fsdp OUT_DIR)
 
 
 def _load(config: dict, device):
-    """The rank's model: a checkpoint in 4-bit with bf16 quant storage (FSDP's requirement), LoRA on all linears."""
+    """The rank's model: 4-bit with bf16 quant storage (FSDP's requirement), LoRA on all linears, in train mode.
+
+    From config["checkpoint"], else (a random shape on a GPU) built on this rank's GPU with the same seed as the others.
+    """
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     dtype = recipe.DTYPES[config.get("compute_dtype", "bf16")]
     storage = {**recipe.DTYPES, "uint8": torch.uint8}[config.get("quant_storage", "bf16")]
-    quant = models.bnb_config(config.get("quant"), double_quant=True, compute_dtype=dtype, quant_storage=storage)
-    model = AutoModelForCausalLM.from_pretrained(config["checkpoint"], quantization_config=quant, dtype=dtype,
-                                                 device_map={"": device})
+    if "checkpoint" in config:
+        quant = models.bnb_config(config.get("quant"), double_quant=True, compute_dtype=dtype, quant_storage=storage)
+        model = AutoModelForCausalLM.from_pretrained(config["checkpoint"], quantization_config=quant, dtype=dtype,
+                                                     device_map={"": device})
+    else:
+        model = models.build_random_model(config["model"].removeprefix("random:"), quant=config.get("quant", "nf4"),
+                                          device=device, compute_dtype=dtype, quant_storage=storage)
     models.keep_cpu_4bit_trainable(model)  # else a CPU's first no-grad forward repacks the codes as integers
+    if config.get("checkpointing"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
     torch.manual_seed(0)  # the same adapters on every rank
-    return get_peft_model(model, LoraConfig(r=config.get("r", 8), lora_alpha=2 * config.get("r", 8),
-                                            target_modules="all-linear"))
+    model = get_peft_model(model, LoraConfig(r=config.get("r", 8), lora_alpha=2 * config.get("r", 8),
+                                             target_modules="all-linear"))
+    return model.train()
+
+
+def _steps(model, optimizer, ids, config: dict, log, rank: int, world: int) -> dict:
+    """Train config["steps"] steps on one batch; a CUDA out-of-memory ends the loop and is returned as a result."""
+    import torch
+
+    losses, seconds = [], []
+    for step in range(config.get("steps", 4)):
+        start = time.perf_counter()
+        try:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ids.is_cuda:
+                torch.cuda.synchronize(ids.device)
+        except torch.OutOfMemoryError as err:
+            print(f"rank {rank}/{world}: step {step + 1} ran out of memory", file=log, flush=True)
+            return {"losses": losses, "step_seconds": seconds, "out_of_memory": str(err).split(". ")[0]}
+        seconds.append(time.perf_counter() - start)
+        losses.append(loss.item())
+        print(f"rank {rank}/{world}: step {step + 1} loss {losses[-1]:.4f} in {seconds[-1]:.2f} s", file=log, flush=True)
+    return {"losses": losses, "step_seconds": seconds}
 
 
 def rank_main(out_dir: str | Path) -> None:
-    """One rank of launch(): load, wrap in FSDP (FULL_SHARD), train a few steps, write what it saw."""
+    """One rank of launch(): load, wrap in FSDP (FULL_SHARD), train a few steps, write what it saw.
+
+    On CUDA, config["gpu_memory_bytes"] holds PyTorch's allocator to that many bytes from the first step on (the
+    load is not held: a random shape is built whole on each GPU before FSDP shards it, where a real checkpoint
+    would stream through CPU RAM); a rank that runs out of memory writes its result and ends the job.
+    """
     import torch
     import torch.distributed as dist
+    from accelerate.utils import convert_outputs_to_fp32
     from peft.utils.other import fsdp_auto_wrap_policy
     from torch.distributed.fsdp import CPUOffload, MixedPrecision, ShardingStrategy
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -277,38 +375,43 @@ def rank_main(out_dir: str | Path) -> None:
     dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cpu") if backend == "gloo" else torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    cuda = device.type == "cuda"
     log = open(out_dir / f"rank{rank}.log", "a")
+    load_start = time.perf_counter()
     model = _load(config, device)
     ids = torch.randint(0, model.config.vocab_size, (config.get("batch", 2), config.get("seq", 64)),
                         generator=torch.Generator().manual_seed(0)).to(device)  # the same batch on every rank
-    with torch.no_grad():
+    amp = config.get("mixed_precision") in ("bf16", "fp16")  # autocast as accelerate applies it for Trainer(bf16=True)
+    with torch.no_grad(), torch.autocast(device.type, dtype=recipe.DTYPES[config.get("mixed_precision") or "bf16"],
+                                         enabled=amp):
         unsharded_loss = model(input_ids=ids, labels=ids).loss.item()  # the reference: no FSDP
+    load_peak = torch.cuda.max_memory_allocated(device) if cuda else None
     param_dtype = config.get("param_dtype")  # FSDP mixed precision; None: the parameters' own dtype
     model = FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), device_id=device, use_orig_params=False,
                  sharding_strategy=ShardingStrategy.FULL_SHARD, limit_all_gathers=True,
                  cpu_offload=CPUOffload(offload_params=bool(config.get("cpu_offload"))),
                  mixed_precision=MixedPrecision(param_dtype=recipe.DTYPES[param_dtype]) if param_dtype else None)
+    if amp:  # accelerate.prepare_model's wrapping
+        autocast = torch.autocast(device.type, dtype=recipe.DTYPES[config["mixed_precision"]])
+        model.forward = convert_outputs_to_fp32(autocast(model.forward))
     local_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # this rank's shards
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.get("lr", 1e-3))
-    losses, seconds = [], []
-    if device.type == "cuda":
+    print(f"rank {rank}/{world}: loaded and sharded in {time.perf_counter() - load_start:.0f} s", file=log, flush=True)
+    if cuda:
+        torch.cuda.empty_cache()
+        if config.get("gpu_memory_bytes"):
+            torch.cuda.set_per_process_memory_fraction(
+                config["gpu_memory_bytes"] / torch.cuda.get_device_properties(device).total_memory, device)
         torch.cuda.reset_peak_memory_stats(device)
-    for step in range(config.get("steps", 4)):
-        start = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds.append(time.perf_counter() - start)
-        losses.append(loss.item())
-        print(f"rank {rank}/{world}: step {step + 1} loss {losses[-1]:.4f} in {seconds[-1]:.2f} s", file=log, flush=True)
-    result = {"rank": rank, "world": world, "backend": backend, "device": str(device), "losses": losses,
-              "step_seconds": seconds, "unsharded_loss": unsharded_loss, "local_param_bytes": local_bytes,
-              "peak_allocated_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-              "versions": {"torch": torch.__version__}}
+    result = {"rank": rank, "world": world, "backend": backend, "device": str(device), "unsharded_loss": unsharded_loss,
+              "local_param_bytes": local_bytes, "load_peak_bytes": load_peak, "versions": {"torch": torch.__version__},
+              **_steps(model, optimizer, ids, config, log, rank, world)}
+    if cuda:
+        free, total = torch.cuda.mem_get_info(device)
+        result.update(peak_allocated_bytes=torch.cuda.max_memory_allocated(device), device_used_bytes=total - free)
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result, indent=1))
+    if "out_of_memory" in result:
+        os._exit(3)  # a peer may wait in a collective: a non-zero exit makes torchrun stop the job
     dist.destroy_process_group()
 
 

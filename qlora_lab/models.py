@@ -443,13 +443,14 @@ def save_random_checkpoint(shape: str, directory: str | Path, seed: int = 0, dty
 
 def build_random_model(shape: str, quant: str | None = "nf4", double_quant: bool = True, device: str = "cpu",
                        compute_dtype: torch.dtype = torch.bfloat16, seed: int = 0, blocksize: int = 64,
-                       attn: str | None = None):
+                       attn: str | None = None, quant_storage: torch.dtype = torch.uint8):
     """Build a seeded random model of a real shape directly on `device`, layer by layer.
 
     Each decoder layer is created in compute_dtype on the device, initialised, and (with
     quant) its nn.Linear layers are replaced by bitsandbytes Linear4bit/Linear8bitLt right
     away, so the 16-bit copy of at most one layer exists at any time. Embeddings, norms and
-    lm_head stay in compute_dtype, as with from_pretrained. No disk, no download.
+    lm_head stay in compute_dtype, as with from_pretrained. No disk, no download. quant_storage: the
+    dtype the 4-bit codes are packed into (bf16 for FSDP, as bnb_4bit_quant_storage).
     Example: build_random_model("llama-65b", "nf4", device="cuda")  # ~35 GB on the GPU
     """
     device = torch.device(device)
@@ -471,7 +472,7 @@ def build_random_model(shape: str, quant: str | None = "nf4", double_quant: bool
             with torch.no_grad():
                 _init_(p, f"model.layers.{i}.{pname}", std, seed)
         if quant is not None:
-            _quantize_linears(layer, quant, double_quant, compute_dtype, blocksize)
+            _quantize_linears(layer, quant, double_quant, compute_dtype, blocksize, quant_storage)
         layers[i] = layer
     # what is left on the meta device: embeddings, final norm, lm_head (if untied), rotary buffers
     for name, module in list(model.named_modules()):
@@ -493,7 +494,7 @@ def build_random_model(shape: str, quant: str | None = "nf4", double_quant: bool
     model.generation_config.pad_token_id = config.pad_token_id
     if quant is not None:
         # what from_pretrained marks on a quantized model, which peft and Trainer look at
-        model.config.quantization_config = bnb_config(quant, double_quant, compute_dtype)
+        model.config.quantization_config = bnb_config(quant, double_quant, compute_dtype, quant_storage)
         model.hf_quantizer = AutoHfQuantizer.from_config(model.config.quantization_config, pre_quantized=False)
         model.is_loaded_in_4bit = quant in recipe.FOUR_BIT
         model.is_loaded_in_8bit = quant == "int8"
@@ -501,7 +502,8 @@ def build_random_model(shape: str, quant: str | None = "nf4", double_quant: bool
     return model
 
 
-def _quantize_linears(layer: torch.nn.Module, quant: str, double_quant: bool, compute_dtype: torch.dtype, blocksize: int):
+def _quantize_linears(layer: torch.nn.Module, quant: str, double_quant: bool, compute_dtype: torch.dtype, blocksize: int,
+                      quant_storage: torch.dtype = torch.uint8):
     for name, lin in list(layer.named_modules()):
         if type(lin) is not torch.nn.Linear:
             continue
@@ -512,9 +514,11 @@ def _quantize_linears(layer: torch.nn.Module, quant: str, double_quant: bool, co
             new.weight = bnb.nn.Int8Params(lin.weight.data, requires_grad=False, has_fp16_weights=False)
         else:
             new = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=has_bias, compute_dtype=compute_dtype,
-                                    compress_statistics=double_quant, quant_type=quant, device="meta")
+                                    compress_statistics=double_quant, quant_type=quant, quant_storage=quant_storage,
+                                    device="meta")
             new.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, blocksize=blocksize,
-                                           compress_statistics=double_quant, quant_type=quant, module=new)
+                                           compress_statistics=double_quant, quant_type=quant, module=new,
+                                           quant_storage=quant_storage)
         if has_bias:
             new.bias = torch.nn.Parameter(lin.bias.data, requires_grad=False)
         new.weight = new.weight.to(lin.weight.device)  # quantization happens here

@@ -266,8 +266,8 @@ def run_notebooks(notebooks: list[Path], profile: str, out: Path, overrides: dic
     """Run notebooks, updating the summary after each; returns the summary.
 
     jobs > 1 runs up to that many at once (each in its own kernel process: on a GPU whose
-    small-model steps are launch-bound this overlaps well), except the RUN_ALONE notebooks,
-    which run first, one at a time. Entries of notebooks not run this time stay in
+    small-model steps are launch-bound this overlaps well; each kernel gets its share of the CPU
+    threads), except the RUN_ALONE notebooks, which run first, one at a time. Entries of notebooks not run this time stay in
     summary.json, so running one lab again does not erase the others' results.
     """
     if profile == "auto":
@@ -305,9 +305,16 @@ def run_notebooks(notebooks: list[Path], profile: str, out: Path, overrides: dic
     for nb in alone:
         run_one(nb, progress)
     if together:
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            for future in as_completed([pool.submit(run_one, nb, False) for nb in together]):
-                future.result()
+        # each kernel its share of the cores: else torch starts a thread per core in every kernel and they fight
+        cores = int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
+        before = os.environ.get("OMP_NUM_THREADS")
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // min(jobs, len(together))))
+        try:
+            with ThreadPoolExecutor(max_workers=jobs) as pool:
+                for future in as_completed([pool.submit(run_one, nb, False) for nb in together]):
+                    future.result()
+        finally:
+            os.environ.pop("OMP_NUM_THREADS") if before is None else os.environ.update(OMP_NUM_THREADS=before)
     bar.close()
     return summary
 

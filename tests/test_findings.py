@@ -164,3 +164,18 @@ def test_offload_verdicts_names_what_fits():
     tight = budget.verdict(20 * 2**30, 0, 22.6 * 2**30, 24 * 2**30)
     assert "borderline" in findings.offload_verdicts({"4 GPUs": tight}).sentence
     assert "borderline" not in findings.offload_verdicts({"2 GPUs + offload": fits}).sentence
+
+
+def test_big_fsdp_flips_on_outcome_and_error():
+    offload = {"outcome": "trained", "held_gib": 24, "peak_gib": 14.0, "predicted_gib": 13.7, "predicted_device_gib": 16.0,
+               "error": -0.02, "gpus": 2}
+    oom = {"outcome": "out of memory: CUDA out of memory", "held_gib": 24, "predicted_gib": 27.5,
+           "predicted_device_gib": 32.4, "gpus": 2}
+    f = findings.big_fsdp({"offload, held": offload, "no offload, held": oom}, 24)
+    assert f.facts == {"trained_held": ["offload, held"], "worst_error": -0.02, "called": True}
+    assert "within 10%" in f.sentence and "2 of 2 held jobs" in f.sentence and "would not fit 24 GiB" in f.sentence
+    surprise = {**oom, "predicted_device_gib": 20.0}  # predicted to fit, ran out of memory: the calculator was wrong
+    f = findings.big_fsdp({"offload, held": {**offload, "error": 0.25}, "no offload, held": surprise}, 24)
+    assert f.facts["called"] is False and "1 of 2 held jobs" in f.sentence and "NOT within 10%" in f.sentence
+    f = findings.big_fsdp({"no offload, held": oom}, 24)
+    assert f.facts["worst_error"] is None and "No job trained" in f.sentence

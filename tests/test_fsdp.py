@@ -107,6 +107,19 @@ def test_two_cpu_ranks_shard_qlora_and_train_like_one_process(tiny_checkpoint, t
     assert ranks[0]["local_param_bytes"] == pytest.approx(predicted["weights"] + predicted["lora_params"], rel=0.03)
 
 
+def test_a_case_with_checkpointing_and_autocast_is_one_table_row(tiny_checkpoint, tmp_path):
+    """measure_case: the job lab 08 runs on GPUs (checkpointing, bf16 autocast as accelerate applies it), here on two
+    CPU ranks: the sharded loss still equals the unsharded one under the same autocast, and the row reads back."""
+    config = {"backend": "gloo", "model": "tiny", "checkpoint": str(tiny_checkpoint), "quant": "nf4", "steps": 3,
+              "batch": 2, "seq": 32, "r": 4, "lr": 1e-2, "checkpointing": True, "mixed_precision": "bf16"}
+    row = fsdp.measure_case(2, config, tmp_path)
+    assert row["outcome"] == "trained" and row["gpus"] == 2 and row["peak_gib"] is None and row["error"] is None
+    assert row["last_loss"] < row["first_loss"] and row["step_seconds"] > 0
+    assert row["predicted_gib"] == fsdp.predict(config, 2).peak_allocated_bytes / 2**30
+    ranks = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
+    assert all(r["losses"][0] == r["unsharded_loss"] for r in ranks)
+
+
 def test_a_failed_job_raises_with_the_ranks_error(tiny_checkpoint, tmp_path):
     config = {"backend": "gloo", "checkpoint": str(tiny_checkpoint), "quant": "nf4", "quant_storage": "uint8", "steps": 1}
     with pytest.raises(RuntimeError, match="Cannot flatten integer dtype tensors"):

@@ -1,5 +1,6 @@
 """Lab 08 under the smoke profile: the per-GPU predictions, the checker's verdicts, a two-process FSDP + QLoRA job
-on the CPU that shards as predicted, and a failure point run on purpose; on two GPUs, the same job on them."""
+on the CPU that shards as predicted, and a failure point run on purpose; on two GPUs, an 8B job on them against
+one GPU, and Llama-2-70B held to 24 GiB per GPU with and without CPU offload."""
 
 import pytest
 import torch
@@ -35,4 +36,10 @@ def test_lab08_smoke():
 def test_lab08_two_gpus():
     r = run_lab("08_multi_gpu_fsdp", "gpu")
     check(r)
-    assert all(b > 0 for b in r["peak_allocated_bytes"])
+    assert all(b > 0 for b in r["peak_allocated_bytes"]) and abs(r["peak_error"]) <= 0.10  # the 8B job, per GPU
+    assert set(r["step_seconds"]) == {"1 GPU", "2 GPUs"}
+    big = r["big_cases"]  # Llama-2-70B at PEFT's guide's settings
+    assert big["CPU offload, held to 24 GiB"]["outcome"] == "trained"
+    assert all(abs(c["error"]) <= 0.10 for c in big.values() if c["outcome"] == "trained")
+    if big["no offload, not held"]["peak_gib"] > 24:  # needs more than 24 GiB: held to 24 it must run out, recorded
+        assert big["no offload, held to 24 GiB"]["outcome"].startswith("out of memory")
