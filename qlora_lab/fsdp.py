@@ -386,6 +386,9 @@ def rank_main(out_dir: str | Path) -> None:
                                          enabled=amp):
         unsharded_loss = model(input_ids=ids, labels=ids).loss.item()  # the reference: no FSDP
     load_peak = torch.cuda.max_memory_allocated(device) if cuda else None
+    if cuda and "checkpoint" not in config:  # built whole on this GPU: stage it in CPU RAM, as a real load would be,
+        model.to("cpu")  # so FSDP moves each unit in compactly (else the build's half-freed blocks stay reserved)
+        torch.cuda.empty_cache()
     param_dtype = config.get("param_dtype")  # FSDP mixed precision; None: the parameters' own dtype
     model = FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), device_id=device, use_orig_params=False,
                  sharding_strategy=ShardingStrategy.FULL_SHARD, limit_all_gathers=True,

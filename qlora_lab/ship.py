@@ -156,6 +156,7 @@ def dir_bytes(path: str | Path) -> int:
 
 def _local_step(codes: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Distance to the neighbouring levels of each code, in units of absmax: the mean of the gaps on both sides."""
+    levels = levels.to(codes.device)
     up = levels[(codes + 1).clamp(max=15)] - levels[codes]  # 0 at the top level
     down = levels[codes] - levels[(codes - 1).clamp(min=0)]  # 0 at the bottom level
     return (up + down) / ((up > 0).float() + (down > 0).float())
