@@ -18,7 +18,7 @@ from dataclasses import asdict
 import torch
 from tqdm.auto import tqdm
 
-from qlora_lab import measure, models, vram
+from qlora_lab import budget, measure, models, vram
 
 GUIDE = dict(model="llama-3.1-8b", method="qlora", r=16, lora_dropout=0.05, batch=4, seq=512, grad_accum=4,
              optimizer="paged_adamw_8bit", mixed_precision="bf16")  # the QLoRA guides' complete training example
@@ -121,3 +121,28 @@ def compare(configs: list[dict], device: str, progress: bool = True) -> list[dic
                      "reserved": result.peak_reserved_bytes, "device_used": result.device_used_bytes,
                      "paged": result.paged_bytes, "memory_kind": result.memory_kind})
     return rows
+
+
+PITFALL = {"checkpointing on": dict(checkpointing=True),  # the three runs of lab 01's prepare pitfall
+           "'off': prepare(model) + TrainingArguments(gradient_checkpointing=False)": dict(prepare_defaults=True),
+           "off: prepare(model, use_gradient_checkpointing=False)": {}}
+
+
+def pitfall(model: str, batch: int, seq: int, device: str, budget_bytes: float | None = None) -> dict:
+    """The prepare pitfall, measured: label -> Measurement, or the out-of-memory's first line (a result, not a crash).
+
+    On a GPU the sequence is cut to what the no-checkpointing run needs within 90 % of budget_bytes less what
+    earlier runs of this process still hold. Example: pitfall("smollm2-135m", 1, 64, "cpu")["checkpointing on"]
+    """
+    if device == "cuda":
+        left = 0.9 * (budget_bytes or torch.cuda.get_device_properties(0).total_memory) - measure.leftover_bytes()
+        seq = min(seq, budget.largest("seq", left, model=model, batch=batch, checkpointing=False))
+    setup = vram.Setup(model=model, method="qlora", r=16, batch=batch, seq=seq, checkpointing=False)
+    runs = {}
+    for name, change in PITFALL.items():
+        try:
+            runs[name] = measure.measure_trainer(vram.Setup(**{**asdict(setup), "checkpointing": True}) if change.get(
+                "checkpointing") else setup, steps=2, device=device, prepare_defaults=change.get("prepare_defaults", False))
+        except torch.cuda.OutOfMemoryError as err:
+            runs[name] = str(err).splitlines()[0]
+    return {"setup": setup, "runs": runs}

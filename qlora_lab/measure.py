@@ -8,17 +8,14 @@ the peak of the last step, when the optimizer state already exists:
   phase (forward, backward, optimizer step), `max_memory_reserved` (what the caching
   allocator holds) and the device-level use from `torch.cuda.mem_get_info`, which also sees
   the CUDA context and paged optimizer state living in unified memory;
-- on CPU: the peak of live tensor bytes, counted by a TorchDispatchMode that sees every
-  tensor an op creates and when its storage is freed, plus the bytes that were alive before
-  the step. This is the CPU analogue of max_memory_allocated (no allocator rounding, no
-  CUDA kernels' workspaces); process RSS is reported beside it.
+- on CPU: the peak of live tensor bytes (a TorchDispatchMode sees every tensor an op creates and
+  when its storage is freed) plus the bytes alive before the step: max_memory_allocated's CPU
+  analogue (no allocator rounding, no CUDA workspaces); process RSS is reported beside it.
 
-The training recipe is the lab's: `models.load_model` -> `lora.add_lora` (peft's
-prepare_model_for_kbit_training for k-bit bases) -> optimizer -> `loss = model(input_ids,
-labels=input_ids).loss; loss.backward(); optimizer.step(); optimizer.zero_grad(set_to_none=True)`,
-on random token ids of full length (no padding, no attention mask). Pitfall worth knowing:
-transformers turns gradient checkpointing off in eval mode, so measuring a "training" step
-after model.eval() silently measures the no-checkpointing memory; `measure` asserts train mode.
+The recipe: `models.load_model` -> `lora.add_lora` (peft's prepare for k-bit bases) -> optimizer ->
+loss, backward, step, zero_grad(set_to_none=True), on random token ids of full length (no padding).
+Pitfall: transformers turns gradient checkpointing off in eval mode, so a "training" step measured
+after model.eval() is the no-checkpointing memory; `measure` asserts train mode.
 """
 
 import ctypes
@@ -39,7 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from qlora_lab import lora, models, quant, recipe, vram
+from qlora_lab import env, lora, models, quant, recipe, vram
 
 # What a peak-memory number measures, in words: every figure and table that shows one says which.
 CUDA_ALLOCATED = "torch.cuda.max_memory_allocated"  # the most bytes live tensors held (the calculator's quantity)
@@ -65,9 +62,6 @@ class Measurement:
     step_seconds: float = 0.0  # wall time of the measured step
     loss: float = 0.0  # loss of the measured step (a sanity check that it trained)
     setup: dict = field(default_factory=dict)  # the vram.Setup measured, as a dict
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -240,6 +234,11 @@ def measure(setup, steps: int = 2, device: str | None = None, seed: int = 0, tim
     return result
 
 
+def leftover_bytes(device: str = "cuda") -> int:
+    """What earlier runs of this process still hold once released (0 on a CPU): a plan subtracts it."""
+    return _release(torch.device(device))
+
+
 def _release(device: torch.device) -> int:
     """Free what earlier runs left (cycles, cached blocks, cuBLAS's workspace, which the next run re-creates and the
     calculator counts); return the bytes still allocated (tensors someone else holds), to subtract from readings."""
@@ -389,8 +388,8 @@ def try_measure_steps(model, optimizer, setup, steps: int = 3, cap_gib: float | 
         optimizer.zero_grad(set_to_none=True)
         return None, str(err).splitlines()[0]
     finally:
-        if cap_gib:
-            torch.cuda.set_per_process_memory_fraction(1.0)
+        if cap_gib:  # back to $QLORA_LAB_GPU_MEMORY's hold where one is set, else none
+            torch.cuda.set_per_process_memory_fraction(env.gpu_memory_bytes() / torch.cuda.mem_get_info()[1])
 
 
 class _StepPeaks(TrainerCallback):
