@@ -87,3 +87,12 @@ def test_generation_speed_times_fixed_length_generation(tiny_run):
     ids = tok([data.prompt_text(r, tok) for r in rows], return_tensors="pt", padding=True, add_special_tokens=False)
     out = model.generate(**ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out.shape[1] == ids["input_ids"].shape[1] + 6
+
+
+def test_local_step_follows_the_codes_device():
+    """On CUDA the unpacked codes live on the GPU and quant.levels on the CPU (lab 07 failed there): the step is
+    computed where the codes are. The meta device stands in for the GPU on this CPU-only machine."""
+    levels = torch.tensor([-1.0, -0.5, 0.0, 0.25, 0.5, 0.75, 0.875, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99, 1.0])
+    codes = torch.tensor([0, 2, 15])
+    assert ship._local_step(codes, levels).tolist() == pytest.approx([0.5, 0.375, 0.01])
+    assert ship._local_step(codes.to("meta"), levels).device.type == "meta"
