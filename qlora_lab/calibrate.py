@@ -18,7 +18,7 @@ from dataclasses import asdict
 import torch
 from tqdm.auto import tqdm
 
-from qlora_lab import budget, measure, models, vram
+from qlora_lab import budget, measure, models, recipe, vram
 
 GUIDE = dict(model="llama-3.1-8b", method="qlora", r=16, lora_dropout=0.05, batch=4, seq=512, grad_accum=4,
              optimizer="paged_adamw_8bit", mixed_precision="bf16")  # the QLoRA guides' complete training example
@@ -61,6 +61,19 @@ GRIDS = {
                   dict(model="smollm2-135m", method="lora", batch=1, seq=64, r=8, checkpointing=False, mixed_precision="no",
                        path="loop")],
 }
+
+
+def for_device(configs: list[dict], device: str) -> list[dict]:
+    """The configurations in this device's 16-bit type: where it is fp16 (a T4 or V100, or $QLORA_LAB_COMPUTE_DTYPE=fp16)
+    every bf16 becomes fp16, since Trainer(bf16=True) would run emulated there; elsewhere unchanged.
+
+    Example: for_device([GUIDE], "cpu")[0]["mixed_precision"] -> "bf16"
+    """
+    name = recipe.dtype_name(recipe.default_compute_dtype(device))
+    if name == "bf16":
+        return configs
+    return [{**c, "compute_dtype": name, **({"mixed_precision": name} if c.get("mixed_precision") == "bf16" else {}),
+             **({"label": c["label"].replace("bf16", name)} if "label" in c else {})} for c in configs]
 
 
 def label(config: dict) -> str:

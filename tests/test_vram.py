@@ -248,3 +248,20 @@ def test_live_tensor_bytes_ignores_dead_weak_proxies():
     with measure.LiveTensorBytes() as live:
         x = torch.ones(256)
     assert live.peak == x.untyped_storage().nbytes()
+
+
+def test_lab01_grid_follows_the_devices_16_bit_type(monkeypatch):
+    """A T4 has no native bf16: under fp16 every bf16 run of lab 01's grid becomes fp16, the labels say so, and the
+    calculator's bytes stay those of a 16-bit type; runs without autocast stay without."""
+    from qlora_lab import calibrate
+
+    assert calibrate.for_device(calibrate.GRIDS["gpu"], "cpu") is calibrate.GRIDS["gpu"]
+    monkeypatch.setenv("QLORA_LAB_COMPUTE_DTYPE", "fp16")
+    grid = calibrate.for_device(calibrate.GRIDS["gpu"], "cuda")
+    setups = [calibrate._setup(c) for c in grid]
+    assert {s.precision() for s in setups} == {"fp16", "no"} and {s.compute_dtype for s in setups} == {"fp16"}
+    without = sum(c.get("mixed_precision") == "no" for c in calibrate.GRIDS["gpu"])
+    assert sum(s.precision() == "no" for s in setups) == without
+    unchanged = calibrate._setup(calibrate.GRIDS["gpu"][1])
+    assert vram.estimate(**vars(setups[1])).peak_allocated_bytes == vram.estimate(**vars(unchanged)).peak_allocated_bytes
+    assert "bf16" not in " ".join(calibrate.label(c) for c in grid[1:])
