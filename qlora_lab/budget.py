@@ -54,10 +54,13 @@ class Verdict:
     decided_by: str  # the first tier over the limit, or "device total" when every tier fits
 
     def __str__(self) -> str:
-        marks = ", ".join(f"{tier} {b / GiB:.1f} GiB {'ok' if b <= self.limit_bytes else 'OVER'}"
+        marks = ", ".join(f"{tier} {b / GiB:.{2 if abs(b / self.limit_bytes - 1) < 0.01 else 1}f} GiB "  # 2 digits near
+                          f"{'ok' if b <= self.limit_bytes else 'OVER'}"
                           for tier, b in self.tiers.items())
+        why = {"+ paged state": ": the tensors fit, and the paged optimizer state fits only if the driver moves it to "
+                                 "CPU RAM, which makes every step wait for it"}.get(self.decided_by, "")
         return (f"{'fits' if self.fits else 'does not fit'} {self.limit_bytes / GiB:.1f} GiB ({marks}; "
-                f"the {self.decided_by} decides)")
+                f"the {self.decided_by} decides{why})")
 
 
 def verdict(allocated: float, paged: float, device: float, limit_bytes: float) -> Verdict:

@@ -4,10 +4,8 @@
 can be measured with no download), trains it for a few real steps in train mode, and reports
 the peak of the last step, when the optimizer state already exists:
 
-- on CUDA: `torch.cuda.max_memory_allocated` (what the calculator predicts), the peak of each
-  phase (forward, backward, optimizer step), `max_memory_reserved` (what the caching
-  allocator holds) and the device-level use from `torch.cuda.mem_get_info`, which also sees
-  the CUDA context and paged optimizer state living in unified memory;
+- on CUDA: `torch.cuda.max_memory_allocated` (what the calculator predicts), each phase's peak,
+  `max_memory_reserved`, and the device-level use (`mem_get_info`: context, paged state too);
 - on CPU: the peak of live tensor bytes (a TorchDispatchMode sees every tensor an op creates and
   when its storage is freed) plus the bytes alive before the step: max_memory_allocated's CPU
   analogue (no allocator rounding, no CUDA workspaces); process RSS is reported beside it.
@@ -65,11 +63,8 @@ class Measurement:
 
 
 class LiveTensorBytes(TorchDispatchMode):
-    """Counts bytes of tensor storages created inside the mode that are still alive, and their peak.
-
-    Storages that existed before entering (weights, optimizer state) are not counted, so
-    `peak` is the high-water mark of memory the step itself allocated.
-    Example: with LiveTensorBytes() as live: loss.backward()  # live.peak -> bytes
+    """Counts bytes of tensor storages created inside the mode that are still alive, and their peak (storages that
+    existed before, weights and optimizer state, are not counted). Example: with LiveTensorBytes() as live: ...
     """
 
     def __init__(self):
@@ -239,9 +234,12 @@ def leftover_bytes(device: str = "cuda") -> int:
     return _release(torch.device(device))
 
 
+_DEVICE = {"floor": None, "leftover": 0}  # device-level use at the first release (the context), and earlier runs' now
+
+
 def _release(device: torch.device) -> int:
-    """Free what earlier runs left (cycles, cached blocks, cuBLAS's workspace, which the next run re-creates and the
-    calculator counts); return the bytes still allocated (tensors someone else holds), to subtract from readings."""
+    """Free what earlier runs left (cycles, cached blocks, cuBLAS's workspace); return the bytes still allocated and
+    note in _DEVICE the device-level bytes they still hold (paged state, say): readings subtract both."""
     gc.collect()
     if device.type != "cuda":
         return 0
@@ -249,6 +247,9 @@ def _release(device: torch.device) -> int:
     torch._C._cuda_clearCublasWorkspaces()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    free, total = torch.cuda.mem_get_info()
+    _DEVICE["floor"] = min(_DEVICE["floor"] or total - free, total - free)
+    _DEVICE["leftover"] = total - free - _DEVICE["floor"]
     return torch.cuda.memory_allocated()
 
 
@@ -365,7 +366,7 @@ def measure_steps(model, optimizer, setup, steps: int = 2, seed: int = 0, timeli
     if cuda:
         result.peak_reserved_bytes = torch.cuda.max_memory_reserved()
         free, total = torch.cuda.mem_get_info()
-        result.device_used_bytes = total - free - baseline  # other runs' leftover tensors are not this run's
+        result.device_used_bytes = total - free - _DEVICE["leftover"]  # what earlier runs left is not this run's
     else:
         result.rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return result
@@ -464,7 +465,7 @@ def measure_trainer(setup, steps: int = 3, device: str | None = None, seed: int 
     if device.type == "cuda":
         result.peak_reserved_bytes = torch.cuda.max_memory_reserved()
         free, total = torch.cuda.mem_get_info()
-        result.device_used_bytes = total - free - baseline  # other runs' leftover tensors are not this run's
+        result.device_used_bytes = total - free - _DEVICE["leftover"]  # what earlier runs left is not this run's
     trainer.accelerator.free_memory()  # accelerate keeps references to the model and optimizer it prepared
     trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
     del trainer, model
