@@ -22,9 +22,10 @@ from qlora_lab import budget, measure, models, recipe, vram
 
 GUIDE = dict(model="llama-3.1-8b", method="qlora", r=16, lora_dropout=0.05, batch=4, seq=512, grad_accum=4,
              optimizer="paged_adamw_8bit", mixed_precision="bf16")  # the QLoRA guides' complete training example
+GUIDE_LABEL = "guide recipe (llama-3.1-8b b4x512 x4 accum)"  # its row in lab 01's tables
 GRIDS = {
     "gpu": [
-        {**GUIDE, "label": "guide recipe"},
+        {**GUIDE, "label": GUIDE_LABEL},
         dict(model="qwen2.5-0.5b", method="qlora", r=16, batch=8, seq=1024, optimizer="adamw_torch"),
         dict(model="llama-3.2-1b", method="qlora", r=64, batch=16, seq=512, grad_accum=2, optimizer="paged_adamw_32bit"),
         dict(model="llama-3.2-1b", method="lora", r=8, targets=("q_proj", "v_proj"), batch=4, seq=1024, checkpointing=False),
@@ -38,7 +39,7 @@ GRIDS = {
         dict(model="llama-2-7b", method="lora", r=16, batch=2, seq=1024, optimizer="adamw_torch"),
         dict(model="llama-3.1-8b", method="qlora", r=64, batch=1, seq=8192, optimizer="paged_adamw_8bit"),
         dict(model="llama-2-13b", method="qlora", r=16, batch=4, seq=1024, optimizer="paged_adamw_8bit"),
-        {**GUIDE, "mixed_precision": "no", "label": "guide recipe, no autocast"},
+        {**GUIDE, "mixed_precision": "no", "label": f"{GUIDE_LABEL}, no autocast"},
         {**GUIDE, "grad_accum": 1, "keep_outputs": True, "path": "loop", "label": "loop keeping outputs, bf16"},
         dict(model="llama-2-7b", method="qlora", r=16, batch=4, seq=1024, keep_outputs=True, mixed_precision="no",
              path="loop"),

@@ -137,7 +137,7 @@ def check(setup: vram.Setup | None = None, gpus: int = 2, quant_storage: str = "
     if qlora and param_dtype is not None and param_dtype != quant_storage:
         add("param_dtype", f"FSDP casts parameters to {param_dtype} while the 4-bit codes are stored as {quant_storage}: "
             "the packed codes are converted as if they were numbers: depending on the versions and sizes, a crash "
-            "(a shape error when the codes are unpacked, as lab 08 runs it) or training on what amounts to random "
+            "(a shape error when the codes are unpacked: lab 08 on a CPU) or training on what amounts to random "
             "weights, without an error.", "store the codes as bf16 (bnb_4bit_quant_storage) and set param_dtype to it; "
             "transformers' Trainer sets this itself for a quantized model", "answerdotai/fsdp_qlora README, accelerate#2544")
     if qlora and setup.prepare:
@@ -296,7 +296,8 @@ def measure_case(nproc: int, config: dict, out_dir: str | Path, timeout: float =
     peak, device = (max(r.get(k) or 0 for r in ranks) / 2**30 or None for k in ("peak_allocated_bytes", "device_used_bytes"))
     seconds = [statistics.median(r["step_seconds"][1:] or r["step_seconds"]) for r in ranks]  # after the first step
     return {**row, "outcome": "trained", "peak_gib": peak, "error": peak and row["predicted_gib"] / peak - 1,
-            "device_used_gib": device, "step_seconds": max(seconds), "tokens_per_second":
+            "device_used_gib": device, "device_error": device and row["predicted_device_gib"] / device - 1,
+            "step_seconds": max(seconds), "tokens_per_second":
             nproc * config.get("batch", 2) * config.get("seq", 64) / max(seconds),
             "first_loss": ranks[0]["losses"][0], "last_loss": ranks[0]["losses"][-1]}
 

@@ -32,7 +32,7 @@ def test_lab01_gpu(gpu_lab):
     assert r["calc_trainer_bf16_configs"] == len(trainer_bf16)
     assert r["calc_trainer_bf16_median_abs_error"] <= 0.02 and r["calc_trainer_bf16_max_abs_error"] <= 0.05
     assert r["calc_max_abs_error"] <= 0.05
-    assert ("calc_guide_error" in r) is any(c.get("label") == "guide recipe" for c in measured)
+    assert ("calc_guide_error" in r) is any(c.get("label") == calibrate.GUIDE_LABEL for c in measured)
     assert abs(r.get("calc_guide_error", 0)) <= 0.03 and r.get("calc_keep_outputs_max_abs_error", 0) <= 0.06
     assert r.get("calc_load_max_abs_error", 0) <= 0.05
     assert r["paged_state_outside_allocator"] is True
