@@ -1,9 +1,8 @@
 """Prove that only LoRA trains: run one real training step and check what changed.
 
-A QLoRA setup can look right and still train the wrong thing (a base layer left
-trainable) or nothing at all (an optimizer that never saw the adapters). The loss curve
-rarely tells you which. `check_only_lora_trains(model, optimizer, step_fn)` runs one real
-step (`step_fn()` does forward, backward and `optimizer.step()`) and checks:
+A QLoRA setup can look right and still train the wrong thing (a base layer left trainable) or nothing at all
+(an optimizer that never saw the adapters); the loss curve rarely tells you which. `check_only_lora_trains(model,
+optimizer, step_fn)` runs one real step (`step_fn()`: forward, backward, `optimizer.step()`) and checks:
 
 1. trainable = LoRA: the trainable parameters are LoRA adapters (or declared on purpose,
    like peft's `modules_to_save`), with the trainable ratio counted at logical size (a
@@ -489,7 +488,8 @@ def _step1_note(optimizer, run: WatchedRun) -> str:
     lr_wd = [(g.get("lr", 0.0), g.get("weight_decay", 0.0)) for g in optimizer.param_groups][0]
     how = (f"{stats['A moved by weight decay only']} of them moved only by AdamW's decoupled weight decay "
            f"(A <- A * (1 - lr * wd), lr, wd = {lr_wd})" if stats["A moved by weight decay only"]
-           else f"none moved (with zero gradient and no weight decay Adam's update is 0; lr, wd = {lr_wd})")
+           else f"none moved, although weight decay is on (lr, wd = {lr_wd}): they are not in the optimizer"
+           if lr_wd[1] > 0 else f"none moved (with zero gradient and no weight decay Adam's update is 0; lr, wd = {lr_wd})")
     return (f"step 1: {len(run.deferred)} LoRA A tensor(s) had exactly zero gradient because their B starts at zero; "
             f"{how}. " + (f"At step 2, {stats['A moved at step 2']} of them got a gradient and moved."
                           if run.steps == 2 else "No second step was run to see them learn."))
