@@ -161,14 +161,15 @@ def fixed_alpha_rank(eval_loss: dict[int, float], alpha: float) -> Finding:
                    {"best_r": best, "largest_rank_slowest": eval_loss[hi] == slowest}, needs_trained_weights=True)
 
 
-def scale_stability(spread: dict[str, float], rslora: str, fixed: str) -> Finding:
+def scale_stability(spread: dict[str, float], rslora: str, fixed: str, ranks: list[int]) -> Finding:
     """Does rsLoRA's alpha/sqrt(r) keep the update size more stable across r than a fixed alpha?
 
-    spread: {rule label: largest / smallest final ||delta W|| across r}.
-    Example: scale_stability({"rs": 1.3, "fixed": 5.7}, "rs", "fixed").facts["rslora_more_stable"] -> True
+    spread: {rule label: largest / smallest final ||delta W|| over the same ranks under both rules}.
+    Example: scale_stability({"rs": 1.3, "fixed": 5.7}, "rs", "fixed", [4, 16, 64]).facts["rslora_more_stable"] -> True
     """
     stable = spread[rslora] < spread[fixed]
-    return Finding(f"Final ||delta W|| varied {spread[rslora]:.1f}x across r with rsLoRA vs {spread[fixed]:.1f}x with fixed "
+    return Finding(f"Final ||delta W|| varied {spread[rslora]:.1f}x across r = {', '.join(map(str, ranks))} with rsLoRA vs "
+                   f"{spread[fixed]:.1f}x with fixed "
                    f"alpha: " + ("rsLoRA keeps the update size more stable as r changes." if stable
                                  else "in this run rsLoRA did NOT stabilise it more."),
                    {"rslora_more_stable": stable, "spread": dict(spread)})
@@ -187,15 +188,21 @@ def update_directions(effective_rank: int, r: int) -> Finding:
                    needs_trained_weights=True)
 
 
-def targets_at_equal_budget(all_linear: tuple[int, int, float], qv: tuple[int, int, float]) -> Finding:
-    """All linear layers at a small rank against q,v at a larger one, same parameter budget: (r, params, eval loss) each.
+def targets_at_equal_budget(all_linear: tuple[int, int, float], qv: tuple[int, int, float],
+                            accuracy: tuple[float, float] | None = None) -> Finding:
+    """All linear layers at a small rank against q,v at a larger one, same parameter budget: (r, params, eval loss) each;
+    accuracy: their exact match, which must not point the other way for a verdict.
 
     Example: targets_at_equal_budget((4, 1221120, 0.146), (21, 1209600, 0.158)).facts["verdict"] -> "better"
     """
     verdict = _compare(all_linear[2], qv[2])
+    if accuracy and verdict != "tie" and (accuracy[0] - accuracy[1]) * (1 if verdict == "better" else -1) < 0:
+        verdict = "mixed"
     words = {"better": "adapting all linear layers was better, as the QLoRA paper found.",
              "worse": "q,v only was better in this short run, unlike the QLoRA paper's finding.",
-             "tie": f"a tie (within {TIE:.0%}, one seed): this run does not separate them."}[verdict]
+             "tie": f"a tie (within {TIE:.0%}, one seed): this run does not separate them.",
+             "mixed": "mixed: the eval loss and the exact match ({:.1%} vs {:.1%}) point opposite ways; one seed: this "
+                      "run does not separate them.".format(*(accuracy or (0, 0)))}[verdict]
     return Finding(f"At the same budget ({all_linear[1]:,} vs {qv[1]:,} parameters), all-linear r={all_linear[0]} reached "
                    f"eval loss {all_linear[2]:.3f} and q,v r={qv[0]} {qv[2]:.3f}: {words}",
                    {"verdict": verdict}, needs_trained_weights=True)

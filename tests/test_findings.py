@@ -48,8 +48,9 @@ def test_fixed_alpha_rank_flips_and_ties():
 
 
 def test_scale_stability_flips():
-    assert "more stable" in findings.scale_stability({"rs": 1.3, "fixed": 5.7}, "rs", "fixed").sentence
-    assert "did NOT" in findings.scale_stability({"rs": 6.0, "fixed": 5.7}, "rs", "fixed").sentence
+    f = findings.scale_stability({"rs": 1.3, "fixed": 5.7}, "rs", "fixed", [16, 64])
+    assert "more stable" in f.sentence and "r = 16, 64" in f.sentence
+    assert "did NOT" in findings.scale_stability({"rs": 6.0, "fixed": 5.7}, "rs", "fixed", [16, 64]).sentence
 
 
 def test_update_directions_words_fit_the_count():
@@ -63,6 +64,11 @@ def test_targets_at_equal_budget_three_ways():
     better = findings.targets_at_equal_budget((4, 100, 0.146), (21, 100, 0.158))
     worse = findings.targets_at_equal_budget((4, 100, 0.170), (21, 100, 0.158))
     tie = findings.targets_at_equal_budget((4, 100, 8.314), (21, 100, 8.358))  # 0.5 %: the GPU run's "finding"
+    # the cpu run: loss favours all-linear (0.146 vs 0.158), exact match q,v (16.7 % vs 20.8 %): no verdict
+    mixed = findings.targets_at_equal_budget((4, 100, 0.146), (21, 100, 0.158), accuracy=(0.167, 0.208))
+    assert mixed.facts["verdict"] == "mixed" and "16.7% vs 20.8%" in mixed.sentence
+    agree = findings.targets_at_equal_budget((4, 100, 0.146), (21, 100, 0.158), accuracy=(0.25, 0.208))
+    assert agree.facts["verdict"] == "better"
     assert (better.facts["verdict"], worse.facts["verdict"], tie.facts["verdict"]) == ("better", "worse", "tie")
     assert "as the QLoRA paper found" in better.sentence and "does not separate them" in tie.sentence
 
