@@ -23,6 +23,9 @@ def versions(packages: list[str] = STACK) -> dict[str, str | None]:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             out[name] = None
+    if "qlora_lab" in out and out["qlora_lab"] is None:  # imported from a checkout, not installed
+        from qlora_lab import __version__
+        out["qlora_lab"] = f"{__version__} (source tree, not installed)"
     return out
 
 
