@@ -509,7 +509,7 @@ def plot_finetune_curves(log_history: list[dict], before: dict | None = None, af
         eval_steps, eval_loss = [0] + eval_steps, [before["loss"]] + eval_loss
         eval_acc = [100 * before["accuracy"]] + eval_acc
     ax_loss.plot(eval_steps, eval_loss, "o-", color="tab:orange", label="eval loss (periodic)")
-    ax_acc.plot(eval_steps, eval_acc, "o-", color="tab:green", label="exact match (periodic eval)")
+    ax_acc.plot(eval_steps, eval_acc, "o-", color="tab:green", label="exact match, teacher-forced (periodic eval)")
     if after is not None:
         ax_loss.plot([last], [after["loss"]], "s", color="black", label=f"final eval ({after['examples']} examples)")
         ax_acc.plot([last], [100 * after["accuracy"]], "s", color="black",
