@@ -303,10 +303,10 @@ def variant_table(results: dict[str, dict]) -> dict[str, dict]:
 
     Example: pd.DataFrame(variant_table(results)).T
     """
-    return {name: {"exact match (%)": 100 * r["accuracy"],
+    return {name: {"exact match (%)": f"{100 * r['accuracy']:.1f}",
                    "95 % interval (%)": f"{100 * r['ci'][0]:.1f}-{100 * r['ci'][1]:.1f}",
-                   "KL from reference (nats)": r["kl"], "answer perplexity": r["perplexity"],
-                   "same top token (%)": 100 * r["same_top1"], "on disk (MiB)": r["disk_bytes"] / 2**20,
-                   "tokens/s (median)": r["tokens_per_second"],
+                   "KL from reference (nats)": f"{r['kl']:.2g}", "answer perplexity": f"{r['perplexity']:.4g}",
+                   "same top token (%)": f"{100 * r['same_top1']:.1f}", "on disk (MiB)": f"{r['disk_bytes'] / 2**20:.0f}",
+                   "tokens/s (median)": f"{r['tokens_per_second']:.0f}",
                    "tokens/s (range)": f"{r['speed_range'][0]:.0f}-{r['speed_range'][1]:.0f}"}
             for name, r in results.items()}
