@@ -135,8 +135,8 @@ def eval_loss_ranking(losses: dict[str, float], mse_order: list[str], baseline: 
     order = " < ".join(f.upper() for f in formats)
     tail = (f"the eval loss ranks the formats as the weight MSE did ({order})." if agree else
             f"the eval loss ranks {order}, the weight MSE "
-            f"{' < '.join(f.upper() for f in mse_order if f in formats)}: the average weight error does not fully "
-            f"predict what the model loses.")
+            f"{' < '.join(f.upper() for f in mse_order if f in formats)}: on this small eval (one run, no interval) "
+            f"the two rankings differ, a hint that the average weight error is not all the model loses, not a proof.")
     return Finding(f"Closest to {baseline}: {closest.upper()} ({losses[closest] - losses[baseline]:+.4f} nats); " + tail,
                    {"closest": closest, "ranking": formats, "agrees_with_mse": agree}, needs_trained_weights=True)
 
