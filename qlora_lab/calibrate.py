@@ -150,7 +150,7 @@ def pitfall(model: str, batch: int, seq: int, device: str, budget_bytes: float |
     """
     if device == "cuda":
         left = 0.9 * (budget_bytes or torch.cuda.get_device_properties(0).total_memory) - measure.leftover_bytes()
-        seq = min(seq, budget.largest("seq", left, model=model, batch=batch, checkpointing=False))
+        seq = max(16, min(seq, budget.largest("seq", left, model=model, batch=batch, checkpointing=False)))  # 16: try
     setup = vram.Setup(model=model, method="qlora", r=16, batch=batch, seq=seq, checkpointing=False)
     runs = {}
     for name, change in PITFALL.items():
