@@ -1,10 +1,9 @@
 """Plots for the labs: each function draws one figure from measured results and returns it.
 
-Conventions: functions take plain data (dicts, lists, tensors), create their own figure
-with matplotlib's object API (`fig, ax = plt.subplots(...)`), label axes with units, list
-every plotted series in the legend, and return the figure *closed* (`_finish`), so it is
-drawn exactly once, where the notebook displays it (`display(fig)`), and tests can inspect
-it without a display. `table` shows a pandas table without cutting long cells. Sections in lab order.
+Conventions: functions take plain data (dicts, lists, tensors), create their own figure with matplotlib's
+object API, label axes with units, list every plotted series in the legend, and return the figure *closed*
+(`_finish`), drawn once where the notebook displays it and inspectable by tests without a display. `table`
+shows a pandas table without cutting long cells. Sections in lab order.
 """
 
 import math
@@ -554,7 +553,8 @@ def bar_panels(rows: dict[str, dict], panels: list[tuple], title: str):
     """
     names = list(rows)
     colors = ["tab:purple", "tab:gray", "tab:olive", "tab:cyan", "tab:brown", "tab:pink"][: len(names)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.8 + 0.15 * max(len(n) for n in names)),
+    width = max(4.8, 1.15 * len(names))  # per panel: room for every bar's label
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 3.8 + 0.15 * max(len(n) for n in names)),
                              squeeze=False)
     for ax, (key, label, factor, fmt) in zip(axes[0], panels):
         values = [(rows[n].get(key) or 0) * factor for n in names]
