@@ -312,22 +312,6 @@ def run_config(model, config: TrainConfig) -> dict:
     return json.loads(json.dumps(flat, default=str))
 
 
-class _StepTimer(TrainerCallback):
-    """Wall time of each optimizer step (synchronized on CUDA, so GPU work is counted where it happens)."""
-
-    def __init__(self, device: str):
-        self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-        self.seconds, self._start = [], 0.0
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.sync()
-        self._start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.sync()
-        self.seconds.append(time.perf_counter() - self._start)
-
-
 def step_times(setup, steps: int = 9, warmup: int = 3, device: str | None = None) -> dict:
     """Trainer step times of a vram.Setup on a random-weight model of its shape: the speed half of QLoRA vs LoRA.
 
@@ -344,7 +328,7 @@ def step_times(setup, steps: int = 9, warmup: int = 3, device: str | None = None
                              per_device_train_batch_size=setup.batch, optim=setup.optimizer, learning_rate=1e-4,
                              bf16=setup.precision() == "bf16", fp16=setup.precision() == "fp16", save_strategy="no",
                              logging_steps=10**6, remove_unused_columns=False, disable_tqdm=True, use_cpu=device == "cpu")
-    timer = _StepTimer(device)
+    timer = StepTimer()
     trainer = Trainer(model=model, args=args, callbacks=[timer],
                       train_dataset=Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()}))
     trainer.remove_callback(PrinterCallback)
