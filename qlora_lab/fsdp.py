@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -275,6 +276,11 @@ def launch(nproc: int, config: dict, out_dir: str | Path, timeout: float = 600, 
     return sorted(results, key=lambda r: r["rank"])
 
 
+def median_step(seconds: list[float]) -> float:
+    """A rank's median step time after the first (warm-up) step. Example: median_step([9.0, 2.0, 2.4, 2.2]) -> 2.2"""
+    return statistics.median(seconds[1:] or seconds)
+
+
 def measure_case(nproc: int, config: dict, out_dir: str | Path, timeout: float = 300) -> dict:
     """Launch one job and set what each GPU held beside the calculator: one row of lab 08's table (GiB, seconds).
 
@@ -283,8 +289,6 @@ def measure_case(nproc: int, config: dict, out_dir: str | Path, timeout: float =
     Example: measure_case(2, {"backend": "nccl", "model": "random:llama-2-70b", "batch": 2, "seq": 2048, "r": 8,
     "checkpointing": True, "mixed_precision": "bf16", "steps": 3}, "runs/fsdp/70b")["error"] -> -0.02
     """
-    import statistics
-
     est, held = predict(config, nproc), config.get("gpu_memory_bytes")
     ranks = launch(nproc, config, out_dir, timeout=timeout, progress=False)
     row = {"gpus": nproc, "cpu_offload": bool(config.get("cpu_offload")), "held_gib": held / 2**30 if held else None,
@@ -294,7 +298,7 @@ def measure_case(nproc: int, config: dict, out_dir: str | Path, timeout: float =
     if oom:
         return {**row, "outcome": f"out of memory: {oom[0]}"}
     peak, device = (max(r.get(k) or 0 for r in ranks) / 2**30 or None for k in ("peak_allocated_bytes", "device_used_bytes"))
-    seconds = [statistics.median(r["step_seconds"][1:] or r["step_seconds"]) for r in ranks]  # after the first step
+    seconds = [median_step(r["step_seconds"]) for r in ranks]
     return {**row, "outcome": "trained", "peak_gib": peak, "error": peak and row["predicted_gib"] / peak - 1,
             "device_used_gib": device, "device_error": device and row["predicted_device_gib"] / device - 1,
             "step_seconds": max(seconds), "tokens_per_second":
@@ -383,8 +387,8 @@ def rank_main(out_dir: str | Path) -> None:
     ids = torch.randint(0, model.config.vocab_size, (config.get("batch", 2), config.get("seq", 64)),
                         generator=torch.Generator().manual_seed(0)).to(device)  # the same batch on every rank
     amp = config.get("mixed_precision") in ("bf16", "fp16")  # autocast as accelerate applies it for Trainer(bf16=True)
-    with torch.no_grad(), torch.autocast(device.type, dtype=recipe.DTYPES[config.get("mixed_precision") or "bf16"],
-                                         enabled=amp):
+    autocast = torch.autocast(device.type, dtype=recipe.DTYPES[config.get("mixed_precision") or "bf16"], enabled=amp)
+    with torch.no_grad(), autocast:
         unsharded_loss = model(input_ids=ids, labels=ids).loss.item()  # the reference: no FSDP
     load_peak = torch.cuda.max_memory_allocated(device) if cuda else None
     if cuda and "checkpoint" not in config:  # built whole on this GPU: stage it in CPU RAM, as a real load would be,
@@ -396,7 +400,6 @@ def rank_main(out_dir: str | Path) -> None:
                  cpu_offload=CPUOffload(offload_params=bool(config.get("cpu_offload"))),
                  mixed_precision=MixedPrecision(param_dtype=recipe.DTYPES[param_dtype]) if param_dtype else None)
     if amp:  # accelerate.prepare_model's wrapping
-        autocast = torch.autocast(device.type, dtype=recipe.DTYPES[config["mixed_precision"]])
         model.forward = convert_outputs_to_fp32(autocast(model.forward))
     local_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # this rank's shards
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.get("lr", 1e-3))
