@@ -13,7 +13,7 @@ Shortcut: random weights (memory does not depend on values); two or three steps 
 """
 
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -137,9 +137,9 @@ def compare(configs: list[dict], device: str, progress: bool = True) -> list[dic
     return rows
 
 
-PITFALL = {"checkpointing on": dict(checkpointing=True),  # the three runs of lab 01's prepare pitfall
-           "'off': prepare(model) + TrainingArguments(gradient_checkpointing=False)": dict(prepare_defaults=True),
-           "off: prepare(model, use_gradient_checkpointing=False)": {}}
+PITFALL = {"checkpointing on": (True, False),  # lab 01's prepare pitfall: label -> (checkpointing, prepare_defaults)
+           "'off': prepare(model) + TrainingArguments(gradient_checkpointing=False)": (False, True),
+           "off: prepare(model, use_gradient_checkpointing=False)": (False, False)}
 
 
 def pitfall(model: str, batch: int, seq: int, device: str, budget_bytes: float | None = None) -> dict:
@@ -153,10 +153,10 @@ def pitfall(model: str, batch: int, seq: int, device: str, budget_bytes: float |
         seq = max(16, min(seq, budget.largest("seq", left, model=model, batch=batch, checkpointing=False)))  # 16: try
     setup = vram.Setup(model=model, method="qlora", r=16, batch=batch, seq=seq, checkpointing=False)
     runs = {}
-    for name, change in PITFALL.items():
+    for name, (checkpointing, prepare_defaults) in PITFALL.items():
         try:
-            runs[name] = measure.measure_trainer(vram.Setup(**{**asdict(setup), "checkpointing": True}) if change.get(
-                "checkpointing") else setup, steps=2, device=device, prepare_defaults=change.get("prepare_defaults", False))
+            runs[name] = measure.measure_trainer(replace(setup, checkpointing=checkpointing), steps=2, device=device,
+                                                 prepare_defaults=prepare_defaults)
         except torch.cuda.OutOfMemoryError as err:
             runs[name] = str(err).splitlines()[0]
     return {"setup": setup, "runs": runs}

@@ -314,7 +314,10 @@ def run_notebooks(notebooks: list[Path], profile: str, out: Path, overrides: dic
                 for future in as_completed([pool.submit(run_one, nb, False) for nb in together]):
                     future.result()
         finally:
-            os.environ.pop("OMP_NUM_THREADS") if before is None else os.environ.update(OMP_NUM_THREADS=before)
+            if before is None:
+                os.environ.pop("OMP_NUM_THREADS")
+            else:
+                os.environ["OMP_NUM_THREADS"] = before
     bar.close()
     return summary
 
