@@ -51,9 +51,16 @@ def load_adapter(adapter_dir: str | Path, spec: str, quant: str | None = "nf4", 
     Example: model, tok = load_adapter("runs/adapter", "smollm2-135m")  # 4-bit base + adapter
     """
     base, tokenizer = models.load_model(spec, quant=quant, **load_kwargs)
+    return attach_adapter(base, adapter_dir), tokenizer
+
+
+def attach_adapter(base, adapter_dir: str | Path):
+    """Put a saved adapter on a loaded base (peft wraps it in place), once check_adapter_base has looked; eval mode.
+
+    Example: model = attach_adapter(base, "runs/adapter")  # base now carries the LoRA layers
+    """
     check_adapter_base(adapter_dir, base)
-    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
-    return model.eval(), tokenizer
+    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False).eval()
 
 
 def check_adapter_base(adapter_dir: str | Path, base) -> str | None:
@@ -263,11 +270,9 @@ def build_variant(name: str, adapter_dir: str | Path, spec: str, out_dir: str | 
     """
     out = Path(out_dir) / name.replace(" ", "-").replace(",", "")
     if name == "adapter on NF4":
-        base, _ = models.load_model(spec, quant="nf4", double_quant=True)
-        base.save_pretrained(str(out))  # the 4-bit base alone (get_base_model() would carry the LoRA layers too)
-        del base
-        model, tokenizer = load_adapter(adapter_dir, spec, quant="nf4")
-        return model, tokenizer, dir_bytes(out) + dir_bytes(adapter_dir)
+        base, tokenizer = models.load_model(spec, quant="nf4", double_quant=True)
+        base.save_pretrained(str(out))  # the 4-bit base alone, before the adapter's LoRA layers go into it
+        return attach_adapter(base, adapter_dir), tokenizer, dir_bytes(out) + dir_bytes(adapter_dir)
     if name == "merged into NF4":
         model, tokenizer = merge_into_4bit(adapter_dir, spec)
         model.save_pretrained(str(out))
