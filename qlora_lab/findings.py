@@ -390,12 +390,12 @@ def offload_verdicts(verdicts: dict[str, budget.Verdict]) -> Finding:
                    {"fit": fit})
 
 
-def big_fsdp(rows: dict[str, dict], held_gib: float, tolerance: float = 0.10) -> Finding:
-    """What lab 08's 70B jobs showed: which trained within held_gib per GPU, whether the calculator called each one,
-    and its worst error. rows: name -> fsdp.measure_case's row.
+def big_fsdp(rows: dict[str, dict], tolerance: float = 0.10) -> Finding:
+    """What lab 08's 70B jobs showed: which trained within their hold per GPU (each row's held_gib), whether the
+    calculator called each one, and its worst error. rows: name -> fsdp.measure_case's row.
 
     Example: big_fsdp({"offload, held": {"outcome": "trained", "held_gib": 24, "peak_gib": 14.0, "predicted_gib": 13.7,
-    "predicted_device_gib": 16.0, "error": -0.02, "gpus": 2}}, 24).facts["trained_held"] -> ["offload, held"]
+    "predicted_device_gib": 16.0, "error": -0.02, "gpus": 2}}).facts["trained_held"] -> ["offload, held"]
     """
     parts, called = [], []
     for name, r in rows.items():
@@ -408,11 +408,11 @@ def big_fsdp(rows: dict[str, dict], held_gib: float, tolerance: float = 0.10) ->
         parts.append(f"{name}: {'trained' if r['outcome'] == 'trained' else 'did not train'} ({said})")
     errors = [r["error"] for r in rows.values() if r["outcome"] == "trained"]
     worst = max(errors, key=abs) if errors else None
-    closing = ("no job trained, so no prediction was checked" if worst is None else
-               f"the calculator's worst error on the jobs that trained: {worst:+.1%} "
+    closing = ("No job trained, so no prediction was checked" if worst is None else
+               f"The calculator's worst error on the jobs that trained: {worst:+.1%} "
                f"({'within' if abs(worst) <= tolerance else 'NOT within'} {tolerance:.0%})")
     return Finding(
-        f"Llama-2-70B on {next(iter(rows.values()))['gpus']} GPUs, measured: " + "; ".join(parts) + f". {closing[0].upper()}"
-        f"{closing[1:]}; {sum(called)} of {len(called)} held jobs went the way the calculator said.",
+        f"Llama-2-70B on {next(iter(rows.values()))['gpus']} GPUs, measured: " + "; ".join(parts) + f". {closing}; "
+        f"{sum(called)} of {len(called)} held jobs went the way the calculator said.",
         {"trained_held": [n for n, r in rows.items() if r.get("held_gib") and r["outcome"] == "trained"],
          "worst_error": worst, "called": all(called)})

@@ -177,11 +177,11 @@ def test_big_fsdp_flips_on_outcome_and_error():
                "error": -0.02, "gpus": 2}
     oom = {"outcome": "out of memory: CUDA out of memory", "held_gib": 24, "predicted_gib": 27.5,
            "predicted_device_gib": 32.4, "gpus": 2}
-    f = findings.big_fsdp({"offload, held": offload, "no offload, held": oom}, 24)
+    f = findings.big_fsdp({"offload, held": offload, "no offload, held": oom})
     assert f.facts == {"trained_held": ["offload, held"], "worst_error": -0.02, "called": True}
     assert "within 10%" in f.sentence and "2 of 2 held jobs" in f.sentence and "would not fit 24 GiB" in f.sentence
     surprise = {**oom, "predicted_device_gib": 20.0}  # predicted to fit, ran out of memory: the calculator was wrong
-    f = findings.big_fsdp({"offload, held": {**offload, "error": 0.25}, "no offload, held": surprise}, 24)
+    f = findings.big_fsdp({"offload, held": {**offload, "error": 0.25}, "no offload, held": surprise})
     assert f.facts["called"] is False and "1 of 2 held jobs" in f.sentence and "NOT within 10%" in f.sentence
-    f = findings.big_fsdp({"no offload, held": oom}, 24)
+    f = findings.big_fsdp({"no offload, held": oom})
     assert f.facts["worst_error"] is None and "No job trained" in f.sentence
