@@ -43,7 +43,6 @@ def plot_setup_losses(curves: dict[str, list[float]], title: str = "Loss on one 
     A healthy setup falls; one that trains nothing stays flat; wrong gradients fall slowly.
     Example: plot_setup_losses({"correct": [1.8, 1.1, 0.6], "optimizer built before LoRA": [1.8, 1.8, 1.8]})
     """
-
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     styles = ["--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)), (0, (8, 2))]  # identical curves stay visible
     markers = "sv^Dxo+"
@@ -74,8 +73,6 @@ def plot_levels_on_normal(levels: dict, sigma_per_unit: float):
     standard deviations that NF4's level 1.0 stands for (about 1.85).
     Example: plot_levels_on_normal({"nf4": quant.nf4_levels(), ...}, 1.848)
     """
-
-
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), height_ratios=[2.2, 1], sharex=True)
     nf4 = sorted(float(v) for v in levels["nf4"])
     xs = [-1.15 + i * 2.3 / 600 for i in range(601)]
@@ -116,7 +113,6 @@ def plot_block_histograms(histograms: dict, edges, levels: dict):
     histograms: {layer_type: counts per bin}; edges: bin edges on [-1, 1]; levels: {format: tensor(16)}.
     Example: plot_block_histograms({"q_proj": counts}, torch.linspace(-1, 1, 202), {"nf4": quant.nf4_levels()})
     """
-
     edges = [float(e) for e in edges]
     n = len(histograms)
     cols = min(4, n)
@@ -152,7 +148,6 @@ def plot_code_usage(usage: dict, levels: dict):
     usage: {format: 16 fractions, indexed by code}; levels: {format: tensor(16)} for the tick labels.
     Example: plot_code_usage({"nf4": counts / counts.sum()}, {"nf4": quant.nf4_levels()})
     """
-
     fig, axes = plt.subplots(1, len(usage), figsize=(4.2 * len(usage), 3.4), sharey=True, squeeze=False)
     for ax, (fmt, fractions) in zip(axes[0], usage.items()):
         values = [float(v) for v in levels[fmt]]
@@ -173,7 +168,6 @@ def plot_error_by_layer(errors: dict, metric: str = "sqnr_db", label: str = "SQN
     errors: {format: {layer_type: {"mse": ..., "sqnr_db": ..., "max_abs": ...}}}.
     Example: plot_error_by_layer({"nf4": {"q_proj": {"sqnr_db": 20.1}}, "fp4": {"q_proj": {"sqnr_db": 17.9}}})
     """
-
     formats = list(errors)
     layer_types = list(next(iter(errors.values())))
     width = 0.8 / len(formats)
@@ -197,7 +191,6 @@ def plot_error_vs_blocksize(mse: dict, bits: dict):
     mse: {format: {blocksize: mse}}; bits: {blocksize: bits per parameter}.
     Example: plot_error_vs_blocksize({"nf4": {32: 1e-4, 64: 1.2e-4}}, {32: 5.0, 64: 4.5})
     """
-
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     for fmt, by_size in mse.items():
         sizes = sorted(by_size)
@@ -218,7 +211,6 @@ def plot_eval_losses(losses: dict, baseline: str = "bf16"):
 
     losses: {label: loss in nats per answer token}. Example: plot_eval_losses({"bf16": 1.54, "NF4": 1.60})
     """
-
     names = list(losses)
     fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(names) + 1.5), 3.8))
     colors = [LAB02_COLORS.get(n.split(" ")[0].lower(), "tab:purple") for n in names]
@@ -277,7 +269,6 @@ def plot_vram_breakdown(estimates: dict, gpu_gib: dict | None = None,
 
 def plot_vram_sweep(xs: list, series: dict, xlabel: str, gpu_gib: dict | None = None, title: str = ""):
     """Peak GiB against one swept setting (xs), one line per labelled list of GiB values."""
-
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, values in series.items():
         ax.plot(xs, values, marker="o", label=label)
@@ -349,13 +340,6 @@ def plot_step_timeline(timeline: list, phase_peaks: dict, card_gib: float | None
 # ---- lab 03: LoRA r and alpha
 
 
-def _rank_colors(ranks):
-
-    cmap = plt.get_cmap("viridis")
-    ranks = sorted(set(ranks))
-    return {r: cmap(i / max(1, len(ranks) - 1)) for i, r in enumerate(ranks)}
-
-
 def _smooth(values: list[float], window: int) -> list[float]:
     out = []
     for i in range(len(values)):
@@ -374,8 +358,8 @@ def plot_sweep_curves(results: dict[str, dict], groups: dict[str, dict[int, str]
     smooth averages the last `smooth` values (training losses of single batches are noisy).
     Example: plot_sweep_curves(results, {"alpha=2r": {4: "r=4,alpha=8,rslora=False"}})
     """
-
-    colors = _rank_colors([r for g in groups.values() for r in g])
+    ranks, cmap = sorted({r for g in groups.values() for r in g}), plt.get_cmap("viridis")
+    colors = {r: cmap(i / max(1, len(ranks) - 1)) for i, r in enumerate(ranks)}
     fig, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 3.6), sharey=True, squeeze=False)
     for ax, (label, by_rank) in zip(axes[0], groups.items()):
         for r, name in sorted(by_rank.items()):
@@ -400,7 +384,6 @@ def plot_sweep_heatmaps(tables: dict[str, dict[str, dict[int, float]]], fmt: str
     tables maps a metric title to {rule label: {r: value}}.
     Example: plot_sweep_heatmaps({"final eval loss": {"alpha=r": {4: 0.3, 16: 0.2}}})
     """
-
     fig, axes = plt.subplots(1, len(tables), figsize=(5.2 * len(tables), 3.4), squeeze=False)
     for ax, (metric, table) in zip(axes[0], tables.items()):
         rules = list(table)
@@ -431,7 +414,6 @@ def plot_params_and_memory(ranks: list[int], formula: list[int], peft: list[int]
     states), computed; peak_bytes is what each sweep point measured.
     Example: plot_params_and_memory([1, 4], [1e5, 4e5], [1e5, 4e5], [2.1e9, 2.2e9], [1.6e6, 6.4e6])
     """
-
     fig, (ax_p, ax_m) = plt.subplots(1, 2, figsize=(11, 3.8))
     ax_p.plot(ranks, formula, "o-", label="r x sum(d_in + d_out), from the architecture")
     ax_p.plot(ranks, peft, "x", markersize=10, color="black", label="peft's count")
@@ -462,7 +444,6 @@ def plot_spectra(spectra: dict[str, list[list[float]]], title: str = "Singular v
     spectra maps a label to a list of per-layer singular-value lists (descending).
     Example: plot_spectra({"r=16": [[0.5, 0.1, ...], ...]})
     """
-
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, per_layer in spectra.items():
         k = min(len(s) for s in per_layer)
@@ -494,7 +475,6 @@ def plot_finetune_curves(log_history: list[dict], before: dict | None = None, af
     two evals.generation_eval results, adds generated exact match with its 95 % interval there.
     Example: plot_finetune_curves(result.log_history, before, after, generated=(gen_before, gen_after))
     """
-
     train_logs = [h for h in log_history if "loss" in h and "eval_loss" not in h]
     eval_logs = [h for h in log_history if "eval_loss" in h]
     last = max([h["step"] for h in train_logs] or [0])
