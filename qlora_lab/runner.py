@@ -116,7 +116,13 @@ def start_lab(profiles: dict, profile: str = "auto", overrides: dict | None = No
     Example: P, info = start_lab(PROFILES, "smoke")  # P.profile -> "smoke"
     """
     settings = profile_settings(profiles, profile, overrides)
-    _quiet_library_bars()
+    # datasets' and transformers' progress bars off (map, weight loading: a second each, and in a saved notebook
+    # they show as widgets stuck at 0 %); the labs' own bars on long work (training, sweeps) stay
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    datasets.disable_progress_bars()
+    transformers_logging.disable_progress_bar()
     budget = env.enforce_gpu_memory()
     print(f"profile {settings.profile!r}:", ", ".join(f"{k}={v!r}" for k, v in vars(settings).items() if k != "profile"))
     info = env.report()
@@ -126,16 +132,6 @@ def start_lab(profiles: dict, profile: str = "auto", overrides: dict | None = No
     record("profile", settings.profile)
     record("gpu_budget_bytes", budget)
     return settings, {**info, "gpu_budget_bytes": budget}
-
-
-def _quiet_library_bars() -> None:
-    """Turn off datasets' and transformers' progress bars (map, weight loading: a second each, and in a saved
-    notebook they show as widgets stuck at 0 %). The labs' own bars on long work (training, sweeps) stay."""
-    import datasets
-    from transformers.utils import logging as transformers_logging
-
-    datasets.disable_progress_bars()
-    transformers_logging.disable_progress_bar()
 
 
 def find_notebooks(targets: list[str] | None = None) -> list[Path]:
@@ -149,17 +145,6 @@ def find_notebooks(targets: list[str] | None = None) -> list[Path]:
         else:
             raise FileNotFoundError(f"no notebook at {p}")
     return found
-
-
-def describe_error(err) -> dict:
-    """The failing cell of a papermill error, as plain text."""
-    return {
-        "cell_index": getattr(err, "cell_index", None),
-        "source": getattr(err, "source", ""),
-        "ename": getattr(err, "ename", type(err).__name__),
-        "evalue": getattr(err, "evalue", str(err)),
-        "traceback": _ANSI.sub("", "\n".join(getattr(err, "traceback", []) or [])),
-    }
 
 
 def run_notebook(notebook: Path, profile: str, out_dir: Path, overrides: dict | None = None,
@@ -185,8 +170,9 @@ def run_notebook(notebook: Path, profile: str, out_dir: Path, overrides: dict | 
             str(notebook), str(output), parameters={"profile": profile, "overrides": overrides or {}},
             kernel_name="python3", cwd=str(notebook.parent), progress_bar=progress,
             request_save_on_cell_execute=True, execution_timeout=cell_timeout, log_output=False)
-    except papermill.PapermillExecutionError as err:
-        error = describe_error(err)
+    except papermill.PapermillExecutionError as err:  # the failing cell, as plain text
+        error = {"cell_index": err.cell_index, "source": err.source, "ename": err.ename, "evalue": err.evalue,
+                 "traceback": _ANSI.sub("", "\n".join(err.traceback or []))}
     except Exception as err:  # kernel died, timeout, bad notebook: still a failed entry, not a crash
         error = {"cell_index": None, "source": "", "ename": type(err).__name__, "evalue": str(err), "traceback": ""}
     finally:
@@ -232,10 +218,6 @@ def load_summary(profile_dir: Path, profile: str) -> dict:
         if summary.get("profile") == profile:
             return summary
     return {"profile": profile, "notebooks": {}}
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def record_entry(profile_dir: Path, profile: str, stem: str, entry: dict) -> dict:
@@ -289,7 +271,8 @@ def run_notebooks(notebooks: list[Path], profile: str, out: Path, overrides: dic
             entry = run_notebook(nb, profile, profile_dir, overrides, progress=cell_progress)
         except KeyboardInterrupt:  # Ctrl-C: the run is recorded as interrupted, then the interrupt goes on
             record_entry(profile_dir, profile, Path(nb).stem, {"status": "interrupted", "seconds": 0.0, "results": {},
-                                                                "error": None, "output": "", "finished_at": _now()})
+                                                                "error": None, "output": "",
+                                                                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
             raise
         with lock:
             summary["notebooks"] = record_entry(profile_dir, profile, Path(nb).stem, entry)["notebooks"]
