@@ -33,21 +33,28 @@ def _batches(items: list, size: int):
         yield items[i:i + size]
 
 
+def _forward_batches(model, tokenizer, rows, batch_size: int, progress: bool = False):
+    """Teacher-forced forward passes over rows in eval mode (the model's mode restored at the end): yields
+    (batch on the model's device, logits of shape (batch, seq, vocab))."""
+    was_training = model.training
+    model.eval()
+    encoded = [data.encode(row, tokenizer) for row in rows]
+    collate = data.Collator(tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    for chunk in tqdm(list(_batches(encoded, batch_size)), desc="eval", unit="batch", disable=not progress, leave=False):
+        batch = {k: v.to(device) for k, v in collate(chunk).items()}
+        yield batch, model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    model.train(was_training)
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, rows, batch_size: int = 16, progress: bool = False) -> dict:
     """Eval loss and teacher-forced exact-match accuracy over rows (dicts with system/prompt/answer).
 
     Example: evaluate(model, tok, load_task()["eval"].select(range(32))) -> {"loss": 1.67, "accuracy": 0.0, ...}
     """
-    was_training = model.training
-    model.eval()
-    encoded = [data.encode(row, tokenizer) for row in rows]
-    collate = data.Collator(tokenizer.pad_token_id)
     loss_sum, n_tokens, correct, margins, only_end = 0.0, 0, [], [], []
-    device = next(p for p in model.parameters()).device
-    for chunk in tqdm(list(_batches(encoded, batch_size)), desc="eval", unit="batch", disable=not progress, leave=False):
-        batch = {k: v.to(device) for k, v in collate(chunk).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    for batch, logits in _forward_batches(model, tokenizer, rows, batch_size, progress):
         logits = logits[:, :-1].float()  # (batch, seq-1, vocab): position t predicts token t+1
         targets = batch["labels"][:, 1:]  # (batch, seq-1)
         mask = targets != data.IGNORE_INDEX
@@ -61,7 +68,6 @@ def evaluate(model, tokenizer, rows, batch_size: int = 16, progress: bool = Fals
         last = mask & (mask.cumsum(1) == mask.sum(1, keepdim=True))  # (batch, seq-1): the end-of-turn position
         missed = ~hits  # (batch, seq-1): answer positions whose top token is not the reference
         only_end += (missed.any(1) & ~(missed & ~last).any(1)).tolist()  # wrong at the end-of-turn token alone
-    model.train(was_training)
     return {"loss": loss_sum / n_tokens, "accuracy": sum(correct) / len(correct), "correct": correct,
             "margins": margins, "wrong_only_at_end": only_end, "examples": len(correct), "answer_tokens": n_tokens}
 
@@ -119,18 +125,10 @@ def answer_logits(model, tokenizer, rows, batch_size: int = 16) -> torch.Tensor:
     For comparing two models' outputs on the same inputs: equal tensors mean identical outputs.
     Example: (answer_logits(a, tok, rows) - answer_logits(b, tok, rows)).abs().max() -> tensor(0.)
     """
-    was_training = model.training
-    model.eval()
-    collate = data.Collator(tokenizer.pad_token_id)
-    encoded = [data.encode(row, tokenizer) for row in rows]
-    device = next(model.parameters()).device
     out = []
-    for chunk in _batches(encoded, batch_size):
-        batch = {k: v.to(device) for k, v in collate(chunk).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    for batch, logits in _forward_batches(model, tokenizer, rows, batch_size):
         mask = batch["labels"][:, 1:] != data.IGNORE_INDEX  # (batch, seq-1)
         out.append(logits[:, :-1][mask].float().cpu())  # (answer tokens in batch, vocab)
-    model.train(was_training)
     return torch.cat(out)
 
 
