@@ -222,8 +222,11 @@ def dequantize(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     """
     n = state.shape.numel()
     absmax = state.absmax
-    if state.double_quant:
-        absmax = dequantize_absmax(state.absmax, state.absmax_scale, state.absmax_code) + state.offset
+    if state.double_quant:  # undo quantize_absmax: code[codes] * scale per block of 256, plus the mean
+        nested = state.absmax_code[absmax.long()]  # (blocks,) fp32
+        nested = torch.nn.functional.pad(nested, (0, state.absmax_scale.numel() * NESTED_BLOCKSIZE - nested.numel()))
+        nested = nested.view(-1, NESTED_BLOCKSIZE) * state.absmax_scale[:, None]  # (nested blocks, 256)
+        absmax = nested.reshape(-1)[: absmax.numel()] + state.offset
     codes = unpack(packed).long()  # (2 * bytes,)
     blocks = absmax.numel()
     values = state.code.to(packed.device)[codes]  # fp32 level of each code
@@ -241,16 +244,15 @@ def unpack(packed: torch.Tensor, numel: int | None = None) -> torch.Tensor:
     return torch.stack([byte >> 4, byte & 0x0F], dim=1).reshape(-1)[:numel]
 
 
-def quantize_absmax(centered: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE,
-                    rules: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_absmax(centered: torch.Tensor, rules: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Second-level quantization of (absmax - mean) to 8-bit dynamic-map codes; returns (codes, scales).
 
     bitsandbytes.functional.quantize_blockwise(centered, blocksize=256); rules as in quantize.
     Example: codes, scales = quantize_absmax(absmax - absmax.mean())  # uint8 (blocks,), fp32 (blocks/256,)
     """
     n = centered.numel()
-    blocks = -(-n // blocksize)
-    grid = torch.nn.functional.pad(centered.float(), (0, blocks * blocksize - n)).view(blocks, blocksize)
+    blocks = -(-n // NESTED_BLOCKSIZE)
+    grid = torch.nn.functional.pad(centered.float(), (0, blocks * NESTED_BLOCKSIZE - n)).view(blocks, NESTED_BLOCKSIZE)
     scale = grid.abs().amax(dim=1)  # (blocks,)
     rules = _check_rules(rules, centered)
     reciprocal = gpu_reciprocal(scale) if rules == "cuda" else 1.0 / scale  # the CUDA kernel's is MUFU.RCP too
@@ -259,13 +261,6 @@ def quantize_absmax(centered: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE,
     q = _cuda_binary_search(scaled, code) if rules == "cuda" else _cpu_lookup_table(scaled, code)
     q = torch.where(scale[:, None] == 0, torch.zeros_like(q), q)
     return q.reshape(-1)[:n], scale
-
-
-def dequantize_absmax(codes: torch.Tensor, scales: torch.Tensor, code: torch.Tensor,
-                      blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
-    """code[codes] * scale per block of 256: the centered absmax back in fp32 (before adding the mean)."""
-    values = torch.nn.functional.pad(code[codes.long()], (0, scales.numel() * blocksize - codes.numel()))
-    return (values.view(-1, blocksize) * scales[:, None]).reshape(-1)[: codes.numel()]
 
 
 # --------------------------------------------------------------------------- the rounding rules
@@ -283,11 +278,8 @@ def _scale_blocks(grid: torch.Tensor, absmax: torch.Tensor, n: int, cuda_rules: 
 
 
 def _nearest_codes(scaled: torch.Tensor, code_levels: torch.Tensor) -> torch.Tensor:
-    """Code of the nearest level; a value exactly halfway goes to the lower level.
-
-    Sort the levels, put the decision boundaries at the midpoints, find each value's interval
-    (bucketize), and map the interval back to its code. Example: [-1, -0.6962, ...] -> uint8 codes
-    """
+    """Code of the nearest level (bucketize against the sorted levels' midpoints); a value exactly halfway goes
+    to the lower level."""
     code_levels = code_levels.to(scaled.device)
     order = torch.argsort(code_levels, stable=True)  # code of the k-th smallest level
     sorted_levels = code_levels[order]
@@ -368,11 +360,8 @@ def _rcp_approx_kernel():
 
 
 def _cpu_lookup_table(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """bitsandbytes' CPU 8-bit quantizer: a 65,536-entry table over [-1, 1] instead of a search.
-
-    Entry i holds the nearest code for the grid point -1 + 2i/65535; a value uses the entry of
-    the grid point nearest to it.
-    """
+    """bitsandbytes' CPU 8-bit quantizer: a 65,536-entry table over [-1, 1] instead of a search; a value takes
+    the nearest code of the grid point -1 + 2i/65535 nearest to it (not always its own nearest code)."""
     size = 65536
     table = _lookup_table(tuple(code.tolist()), size).to(scaled.device)
     scaled = scaled.nan_to_num(0.0).clamp(-1, 1)  # NaN only in all-zero blocks, which get code 0 anyway
@@ -390,10 +379,8 @@ def _lookup_table(code: tuple, size: int) -> torch.Tensor:
 
 
 def _cuda_binary_search(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """bitsandbytes' CUDA 8-bit quantizer (dQuantize): a 7-step binary search, then the closer neighbour.
-
-    Runs all values at once; the loop is over the 7 search steps, not over blocks.
-    """
+    """bitsandbytes' CUDA 8-bit quantizer (dQuantize): a 7-step binary search, then the closer neighbour;
+    all values at once (the loop is over the 7 search steps, not over blocks)."""
     pivot = torch.full_like(scaled, 127, dtype=torch.int64)
     lower_pivot, upper_pivot = torch.zeros_like(pivot), torch.full_like(pivot, 255)
     lower, upper = torch.full_like(scaled, -1.0), torch.full_like(scaled, 1.0)
