@@ -162,18 +162,14 @@ def check(setup: vram.Setup | None = None, gpus: int = 2, quant_storage: str = "
                 f"rank, more than the {cpu_ram_bytes / 2**30:.0f} GiB there.", "fsdp_cpu_ram_efficient_loading: true "
                 "(only rank 0 loads) and a swap file for the rest.", "answerdotai/fsdp_qlora README, transformers#32276")
     if gpu_bytes is not None:
-        per_gpu = estimate(setup.model, gpus=gpus, cpu_offload=cpu_offload, **_fields(setup))
+        fields = {k: v for k, v in setup.__dict__.items() if k != "model"}  # the Setup as estimate() keywords
+        per_gpu = estimate(setup.model, gpus=gpus, cpu_offload=cpu_offload, **fields)
         if per_gpu.device_bytes > gpu_bytes:
             add("per_gpu_memory", f"even sharded over {gpus} GPUs a step of this configuration needs about "
                 f"{per_gpu.device_bytes / 2**30:.1f} "
                 f"GiB per GPU, more than the {gpu_bytes / 2**30:.1f} GiB each has.",
                 "CPU offload (fsdp_offload_params), more GPUs, a smaller batch or sequence", "this calculator")
     return found
-
-
-def _fields(setup: vram.Setup) -> dict:
-    """A Setup's fields as estimate() keywords (model passed apart)."""
-    return {k: v for k, v in setup.__dict__.items() if k != "model"}
 
 
 # --------------------------------------------------------------------------- launch and collect
