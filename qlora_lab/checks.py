@@ -206,9 +206,6 @@ class OnlyLoraReport:
             raise OnlyLoraError("only-LoRA-trains check failed:\n- " + "\n- ".join(self.failures))
         return self
 
-    def __repr__(self) -> str:  # the readable table, also in papermill's text/plain output
-        return str(self)
-
     def __str__(self) -> str:
         width = max(len(c.name) for c in self.checks)
         lines = [f"{'check'.ljust(width)}  result  measured"]
@@ -217,6 +214,8 @@ class OnlyLoraReport:
         lines += ["", "failures:" if self.failures else "all checks pass"] + [f"- {f}" for f in self.failures]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+    __repr__ = __str__  # the readable table, also in papermill's text/plain output
 
     def _repr_html_(self) -> str:
         rows = "".join(

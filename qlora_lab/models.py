@@ -218,11 +218,8 @@ def resolve(spec: str) -> Source:
 
 
 def _hub_reachable(timeout: float = 5.0) -> bool:
-    """Whether the hub answers an HTTPS request within `timeout` seconds (connect and first bytes).
-
-    Opening a TCP connection is not enough: a captive portal or a stalling proxy accepts it and
-    then never answers, and a download would hang for minutes.
-    """
+    """Whether the hub answers an HTTPS request within `timeout` seconds (connect and first bytes): a captive
+    portal or a stalling proxy accepts a TCP connection, never answers, and a download would hang for minutes."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
     endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
@@ -442,8 +439,8 @@ def save_random_checkpoint(shape: str, directory: str | Path, seed: int = 0, dty
 
 
 def build_random_model(shape: str, quant: str | None = "nf4", double_quant: bool = True, device: str = "cpu",
-                       compute_dtype: torch.dtype = torch.bfloat16, seed: int = 0, blocksize: int = 64,
-                       attn: str | None = None, quant_storage: torch.dtype = torch.uint8):
+                       compute_dtype: torch.dtype = torch.bfloat16, seed: int = 0, attn: str | None = None,
+                       quant_storage: torch.dtype = torch.uint8):
     """Build a seeded random model of a real shape directly on `device`, layer by layer.
 
     Each decoder layer is created in compute_dtype on the device, initialised, and (with
@@ -472,7 +469,7 @@ def build_random_model(shape: str, quant: str | None = "nf4", double_quant: bool
             with torch.no_grad():
                 _init_(p, f"model.layers.{i}.{pname}", std, seed)
         if quant is not None:
-            _quantize_linears(layer, quant, double_quant, compute_dtype, blocksize, quant_storage)
+            _quantize_linears(layer, quant, double_quant, compute_dtype, quant_storage)
         layers[i] = layer
     # what is left on the meta device: embeddings, final norm, lm_head (if untied), rotary buffers
     for name, module in list(model.named_modules()):
@@ -502,7 +499,7 @@ def build_random_model(shape: str, quant: str | None = "nf4", double_quant: bool
     return model
 
 
-def _quantize_linears(layer: torch.nn.Module, quant: str, double_quant: bool, compute_dtype: torch.dtype, blocksize: int,
+def _quantize_linears(layer: torch.nn.Module, quant: str, double_quant: bool, compute_dtype: torch.dtype,
                       quant_storage: torch.dtype = torch.uint8):
     for name, lin in list(layer.named_modules()):
         if type(lin) is not torch.nn.Linear:
@@ -516,7 +513,7 @@ def _quantize_linears(layer: torch.nn.Module, quant: str, double_quant: bool, co
             new = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=has_bias, compute_dtype=compute_dtype,
                                     compress_statistics=double_quant, quant_type=quant, quant_storage=quant_storage,
                                     device="meta")
-            new.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, blocksize=blocksize,
+            new.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, blocksize=64,
                                            compress_statistics=double_quant, quant_type=quant, module=new,
                                            quant_storage=quant_storage)
         if has_bias:
@@ -529,11 +526,6 @@ def _quantize_linears(layer: torch.nn.Module, quant: str, double_quant: bool, co
 
 
 # --------------------------------------------------------------------------- small reports
-
-
-def footprint_bytes(model) -> int:
-    """Bytes of all parameters and buffers as stored (4-bit weights at their packed size)."""
-    return model.get_memory_footprint()
 
 
 def quant_summary(model) -> dict:

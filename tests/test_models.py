@@ -155,7 +155,7 @@ def test_default_model_fp4_and_16bit():
     assert models.quant_summary(bf16)["Linear"] == 30 * 7 + 1
     assert bf16.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     # 4-bit stores the linear layers in about a quarter of the bytes
-    assert models.footprint_bytes(fp4) < 0.45 * models.footprint_bytes(bf16)
+    assert fp4.get_memory_footprint() < 0.45 * bf16.get_memory_footprint()
 
 
 def test_local_checkpoint_directory(tmp_path, tiny_shape):
