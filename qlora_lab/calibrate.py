@@ -149,7 +149,7 @@ def pitfall(model: str, batch: int, seq: int, device: str, budget_bytes: float |
     earlier runs of this process still hold. Example: pitfall("smollm2-135m", 1, 64, "cpu")["checkpointing on"]
     """
     if device == "cuda":
-        left = 0.9 * (budget_bytes or torch.cuda.get_device_properties(0).total_memory) - measure.leftover_bytes()
+        left = 0.9 * (budget_bytes or torch.cuda.get_device_properties(0).total_memory) - measure.release()
         seq = max(16, min(seq, budget.largest("seq", left, model=model, batch=batch, checkpointing=False)))  # 16: try
     setup = vram.Setup(model=model, method="qlora", r=16, batch=batch, seq=seq, checkpointing=False)
     runs = {}

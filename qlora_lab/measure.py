@@ -193,16 +193,12 @@ def cast_adapters(model, adapter_dtype: str) -> None:
             p.data = p.data.to(recipe.DTYPES[adapter_dtype])
 
 
-def _decoder_layers(model) -> list:
-    return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
-
-
 def _timeline_hooks(model, events: list, phase: list, allocated) -> list:
     """Hooks recording (event, phase, allocated bytes) as each decoder layer starts and ends,
     forward and backward (with checkpointing, the recomputation shows up as forward events
     during the backward phase)."""
     handles = []
-    for i, layer in enumerate(_decoder_layers(model)):
+    for i, layer in enumerate(m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")):
         handles.append(layer.register_forward_pre_hook(lambda m, a, i=i: events.append((f"L{i} in", phase[0], allocated()))))
         handles.append(layer.register_forward_hook(lambda m, a, o, i=i: events.append((f"L{i} out", phase[0], allocated()))))
         handles.append(layer.register_full_backward_hook(
@@ -221,27 +217,26 @@ def measure(setup, steps: int = 2, device: str | None = None, seed: int = 0, tim
     if steps < 2:
         raise ValueError("measure needs at least 2 steps: the first creates the optimizer state")
     device = torch.device(device or recipe.default_device())
-    baseline = _release(device)  # tensors of earlier runs must not count as this one's
+    baseline = release(device)  # tensors of earlier runs must not count as this one's
     model, optimizer = build(setup, str(device), seed)
     result = measure_steps(model, optimizer, setup, steps, seed, timeline, baseline)
     del model, optimizer
-    _release(device)
+    release(device)
     return result
-
-
-def leftover_bytes(device: str = "cuda") -> int:
-    """What earlier runs of this process still hold once released (0 on a CPU): a plan subtracts it."""
-    return _release(torch.device(device))
 
 
 _DEVICE = {"floor": None, "leftover": 0}  # device-level use at the first release (the context), and earlier runs' now
 
 
-def _release(device: torch.device) -> int:
-    """Free what earlier runs left (cycles, cached blocks, cuBLAS's workspace); return the bytes still allocated and
-    note in _DEVICE the device-level bytes they still hold (paged state, say): readings subtract both."""
+def release(device: str | torch.device = "cuda") -> int:
+    """Free what earlier runs of this process left (cycles, cached blocks, cuBLAS's workspace); return the bytes still
+    allocated (0 on a CPU; a plan subtracts them) and note in _DEVICE the device-level bytes still held (paged state,
+    say): readings subtract both.
+
+    Example: release("cuda") -> 0 (nothing left from earlier runs)
+    """
     gc.collect()
-    if device.type != "cuda":
+    if torch.device(device).type != "cuda":
         return 0
     torch.cuda.synchronize()
     torch._C._cuda_clearCublasWorkspaces()
@@ -251,6 +246,12 @@ def _release(device: torch.device) -> int:
     _DEVICE["floor"] = min(_DEVICE["floor"] or total - free, total - free)
     _DEVICE["leftover"] = total - free - _DEVICE["floor"]
     return torch.cuda.memory_allocated()
+
+
+def _device_readings() -> tuple[int, int]:
+    """(max_memory_reserved, device-level use from mem_get_info less what earlier runs left: not this run's)."""
+    reserved, (free, total) = torch.cuda.max_memory_reserved(), torch.cuda.mem_get_info()
+    return reserved, total - free - _DEVICE["leftover"]
 
 
 def train_step(model, optimizer, input_ids: torch.Tensor, mark=lambda phase: None, keep_outputs: bool = False,
@@ -364,9 +365,7 @@ def measure_steps(model, optimizer, setup, steps: int = 2, seed: int = 0, timeli
         handle.remove()
     result.peak_allocated_bytes = max(result.phase_peaks.values())
     if cuda:
-        result.peak_reserved_bytes = torch.cuda.max_memory_reserved()
-        free, total = torch.cuda.mem_get_info()
-        result.device_used_bytes = total - free - _DEVICE["leftover"]  # what earlier runs left is not this run's
+        result.peak_reserved_bytes, result.device_used_bytes = _device_readings()
     else:
         result.rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return result
@@ -434,7 +433,7 @@ def measure_trainer(setup, steps: int = 3, device: str | None = None, seed: int 
     Example: measure_trainer(vram.Setup(model="smollm2-135m", batch=2, seq=128), device="cpu").step_peaks
     """
     device = torch.device(device or recipe.default_device())
-    baseline = _release(device)
+    baseline = release(device)
     phases = {}
     if checkpoint or prepare_defaults:
         model, phases = _load_and_prepare(setup, str(device), checkpoint, prepare_defaults, seed)
@@ -445,8 +444,9 @@ def measure_trainer(setup, steps: int = 3, device: str | None = None, seed: int 
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (setup.batch * setup.grad_accum * steps, setup.seq), generator=gen).tolist()
     optim, optim_args = recipe.trainer_optim(setup.optimizer)
+    scratch = tempfile.TemporaryDirectory(prefix="qlora-lab-measure-")  # the Trainer's output_dir, removed on return
     args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="qlora-lab-measure-"), max_steps=steps, per_device_train_batch_size=setup.batch,
+        output_dir=scratch.name, max_steps=steps, per_device_train_batch_size=setup.batch,
         gradient_accumulation_steps=setup.grad_accum, bf16=setup.precision() == "bf16",
         fp16=setup.precision() == "fp16", gradient_checkpointing=setup.checkpointing and not prepare_defaults,
         gradient_checkpointing_kwargs={"use_reentrant": False}, optim=optim, optim_args=optim_args or None,
@@ -463,13 +463,11 @@ def measure_trainer(setup, steps: int = 3, device: str | None = None, seed: int 
                          paged_bytes=paged_state_bytes(trainer.optimizer),
                          loss=trainer.state.log_history[-1].get("train_loss", 0.0))
     if device.type == "cuda":
-        result.peak_reserved_bytes = torch.cuda.max_memory_reserved()
-        free, total = torch.cuda.mem_get_info()
-        result.device_used_bytes = total - free - _DEVICE["leftover"]  # what earlier runs left is not this run's
+        result.peak_reserved_bytes, result.device_used_bytes = _device_readings()
     trainer.accelerator.free_memory()  # accelerate keeps references to the model and optimizer it prepared
     trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
     del trainer, model
-    _release(device)
+    release(device)
     return result
 
 
@@ -505,12 +503,12 @@ def measure_variants(setup, variants: dict[str, dict], steps: int = 3, timeline:
     "build_seconds", "storage"}}; an out-of-memory is a result (see try_measure_steps).
     Example: measure_variants(vram.Setup("llama-65b", r=64), {"paper": {}, "48 GiB": {"cap_gib": 48}})
     """
-    baseline = _release(torch.device("cuda"))
+    baseline = release("cuda")
     start = time.perf_counter()
     try:
         model, optimizer = build(setup, "cuda")
     except torch.cuda.OutOfMemoryError as err:  # a result too: it did not even load
-        _release(torch.device("cuda"))
+        release("cuda")
         error = "out of memory while building the model: " + str(err).splitlines()[0]
         return {label: {"result": None, "error": error, "prediction": vram.estimate(**asdict(replace(setup, **{
             k: v for k, v in change.items() if k != "cap_gib"}))), "setup": setup, "cap_gib": None, "build_seconds": 0.0,
@@ -529,7 +527,7 @@ def measure_variants(setup, variants: dict[str, dict], steps: int = 3, timeline:
         runs[label] = {"result": result, "error": error, "prediction": vram.estimate(**asdict(variant)),
                        "setup": variant, "cap_gib": cap_gib, **common}
     del model, optimizer
-    _release(torch.device("cuda"))
+    release("cuda")
     return runs
 
 
@@ -544,14 +542,9 @@ def paged_state_bytes(optimizer) -> int:
 
 
 class MemoryMeter:
-    """Peak memory while a block runs: CUDA's allocator peak, or the CPU process's peak RSS.
-
-    On CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats, i.e. the most
-    bytes live tensors ever held (CUDA_ALLOCATED). On Linux CPUs: the process's peak resident
-    set (VmHWM, CPU_PEAK_RSS), reset through /proc/self/clear_refs at the start; it counts
-    everything the process holds (Python, libraries, other objects), so compare two runs in
-    the same process state rather than reading it as "the model's memory". Elsewhere: not
-    measured (None).
+    """Peak memory while a block runs: CUDA's allocator peak (CUDA_ALLOCATED), or on Linux CPUs the process's peak
+    resident set (CPU_PEAK_RSS: VmHWM, reset at the start), None elsewhere. RSS counts everything the process holds
+    (Python, libraries, other objects), so compare two runs in the same process state, not as "the model's memory".
     Example: with MemoryMeter() as m: train(); m.peak_bytes -> 1_234_567_890
     """
 
