@@ -13,7 +13,7 @@ import argparse
 import itertools
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from qlora_lab import fsdp, models, recipe, shapes, vram
 from qlora_lab.runner import OneLineParser
@@ -132,8 +132,7 @@ def plan(configs: list[dict], limit_bytes: float | None, margin: float = 0.9) ->
     """
     measured, skipped = [], []
     for config in configs:
-        fields = {k: v for k, v in config.items() if k in vram.Setup.__dataclass_fields__}
-        need = estimate(**fields).device_bytes
+        need = estimate(**asdict(vram.Setup.of(config))).device_bytes
         if limit_bytes is not None and need <= margin * limit_bytes:
             measured.append(config)
         else:
@@ -210,16 +209,17 @@ def describe(setup) -> str:
             f"{setup.optimizer}, r={setup.r}" + ("" if setup.targets == "all-linear" else " on q,v"))
 
 
-def reconcile(claims: list = CLAIMS, grid: dict | None = None, typical: dict | None = None, top: int = 2) -> list[dict]:
-    """For each claim: the `top` settings whose device total comes closest, and a typical run's device total.
+def reconcile(grid: dict | None = None) -> list[dict]:
+    """For each of the CLAIMS: the two settings of grid (default CLAIM_GRIDS["full"]) whose device total comes
+    closest, and the device total of a typical run (batch 4 x 512, checkpointing, paged AdamW 8-bit, r=16).
 
     Example: reconcile()[0] -> {"claim": "7B QLoRA needs ~6 GB", "matches": [(6.0, "batch 1, ...")], "typical_gib": 8.4}
     """
     grid = grid or CLAIM_GRIDS["full"]
-    typical = typical or dict(batch=4, seq=512, checkpointing=True, optimizer="paged_adamw_8bit", r=16)
+    typical = dict(batch=4, seq=512, checkpointing=True, optimizer="paged_adamw_8bit", r=16)
     rows = []
-    for claim, model, gib, fixed in claims:
-        matches = closest_setups(gib, model, grid, top=top, **fixed)
+    for claim, model, gib, fixed in CLAIMS:
+        matches = closest_setups(gib, model, grid, top=2, **fixed)
         rows.append({"claim": claim, "gib": gib, "matches": [(got, describe(e.setup)) for got, e in matches],
                      "typical_gib": estimate(model, **fixed, **typical).device_bytes / GiB})
     return rows

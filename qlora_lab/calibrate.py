@@ -79,7 +79,7 @@ def for_device(configs: list[dict], device: str) -> list[dict]:
 
 def label(config: dict) -> str:
     """A configuration's short name. Example: label(GRIDS["cpu-small"][0]) -> "smollm2-135m qlora b1x64 bf16" """
-    setup = _setup(config)
+    setup = vram.Setup.of(config)
     parts = [setup.model, setup.method, f"r{setup.r}" + ("" if setup.targets == "all-linear" else " q,v"),
              f"b{setup.batch}x{setup.seq}" + (f" x{setup.grad_accum} accum" if setup.grad_accum > 1 else ""),
              setup.precision() if setup.autocast() else "no autocast",
@@ -90,14 +90,9 @@ def label(config: dict) -> str:
     return config.get("label") or " ".join(p for p in parts if p)
 
 
-def _setup(config: dict) -> vram.Setup:
-    """The vram.Setup of a grid entry (its other keys say how to measure it)."""
-    return vram.Setup(**{k: v for k, v in config.items() if k in vram.Setup.__dataclass_fields__})  # not label, reason...
-
-
 def measure_config(config: dict, device: str):
     """Measure one configuration the way it says: Trainer (default), a hand loop, or from_pretrained first."""
-    setup = _setup(config)
+    setup = vram.Setup.of(config)
     if config.get("path") == "loop":
         return measure.measure(setup, steps=3, device=device)
     if not config.get("checkpoint"):
@@ -117,7 +112,7 @@ def compare(configs: list[dict], device: str, progress: bool = True) -> list[dic
     """
     rows = []
     for config in tqdm(configs, desc=f"measuring on {device}", unit="config", disable=not progress):
-        predicted = vram.estimate(device=device, **asdict(_setup(config)))
+        predicted = vram.estimate(device=device, **asdict(vram.Setup.of(config)))
         row = {"label": label(config), "config": config, "predicted_phases": predicted.phases,
                "predicted_paged": predicted.paged_bytes, "predicted_device": predicted.device_bytes}
         try:

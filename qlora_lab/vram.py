@@ -76,6 +76,14 @@ class Setup:
     grad_accum: int = 1  # micro-batches per optimizer step; gradients of earlier ones stay alive
     keep_outputs: bool = False  # a hand loop that keeps `out = model(...)` (its logits) alive through backward
 
+    @classmethod
+    def of(cls, config: dict) -> "Setup":
+        """The Setup of a grid entry, whose other keys (label, path, reason, ...) say how to measure or report it.
+
+        Example: Setup.of({"model": "smollm2-135m", "batch": 2, "label": "small"}).batch -> 2
+        """
+        return cls(**{k: v for k, v in config.items() if k in cls.__dataclass_fields__})
+
     def precision(self) -> str:
         """The mixed precision in force. The default for LoRA and QLoRA is the compute dtype (bf16, or fp16 on a
         T4) because that is the run users launch: Trainer with bf16=True, as in the QLoRA guides' recipes (fp16=True

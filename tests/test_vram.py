@@ -258,10 +258,10 @@ def test_lab01_grid_follows_the_devices_16_bit_type(monkeypatch):
     assert calibrate.for_device(calibrate.GRIDS["gpu"], "cpu") is calibrate.GRIDS["gpu"]
     monkeypatch.setenv("QLORA_LAB_COMPUTE_DTYPE", "fp16")
     grid = calibrate.for_device(calibrate.GRIDS["gpu"], "cuda")
-    setups = [calibrate._setup(c) for c in grid]
+    setups = [vram.Setup.of(c) for c in grid]
     assert {s.precision() for s in setups} == {"fp16", "no"} and {s.compute_dtype for s in setups} == {"fp16"}
     without = sum(c.get("mixed_precision") == "no" for c in calibrate.GRIDS["gpu"])
     assert sum(s.precision() == "no" for s in setups) == without
-    unchanged = calibrate._setup(calibrate.GRIDS["gpu"][1])
+    unchanged = vram.Setup.of(calibrate.GRIDS["gpu"][1])
     assert vram.estimate(**vars(setups[1])).peak_allocated_bytes == vram.estimate(**vars(unchanged)).peak_allocated_bytes
     assert "bf16" not in " ".join(calibrate.label(c) for c in grid[1:])
