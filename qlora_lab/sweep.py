@@ -115,11 +115,6 @@ class DeltaWTracker(TrainerCallback):
             self.norms.append(lora.total_delta_w_norm(self.model))
 
 
-def _arch_name(spec: str) -> str | None:
-    name = spec.removeprefix("random:")
-    return name if name in shapes.ARCHITECTURES else None
-
-
 def load_base(settings: SweepSettings):
     """(model, tokenizer) of the sweep's base model, as every point starts from it."""
     return models.load_model(settings.model, quant=settings.quant, seed=settings.train_config().seed)
@@ -156,11 +151,11 @@ def run_point(point: SweepPoint, settings: SweepSettings, progress: bool = False
                              callbacks=[tracker], progress=progress)
     final = evals.evaluate(model, tokenizer, eval_rows, batch_size=cfg.eval_batch_size)
     steps, losses = fit.losses()
-    arch = _arch_name(settings.model)
+    arch = settings.model.removeprefix("random:")  # a shape's name: its parameter count has a formula
     result = {
         "name": point.name, "point": asdict(point), "scale": point.scale,
         "trainable": trainable,
-        "formula_trainable": shapes.lora_parameter_count(arch, point.r, targets) if arch else None,
+        "formula_trainable": shapes.lora_parameter_count(arch, point.r, targets) if arch in shapes.ARCHITECTURES else None,
         "steps": steps, "losses": losses,
         "eval_loss": final["loss"], "eval_accuracy": final["accuracy"],
         "delta_w_steps": tracker.steps, "delta_w_norms": tracker.norms,
