@@ -241,13 +241,8 @@ def layer_activation_bytes(setup, sh: Arch, device: str = "cuda") -> dict[str, i
 
 def _adapter_input_bytes(setup, sh: Arch, sdpa: bool, device: str) -> dict[str, int]:
     """Per token: the adapters' saved inputs (and with dropout, the dropped copies and masks); see layer_activation_bytes.
-
-    Shared or copied? peft's LoRA layer casts its input to the adapters' dtype (fp32), except on
-    a 4-bit base under autocast (peft's bnb layer skips the cast there); autocast then casts to
-    16 bits for the matmul. So one tensor per input is saved when nothing needed a cast (an
-    fp32 stream without autocast, a 16-bit stream into a 4-bit layer under autocast), else one
-    copy per module.
-    """
+    peft casts a LoRA input to the adapters' dtype (not on a 4-bit base under autocast, which casts to 16 bits itself):
+    one tensor per input is saved where nothing needed a cast, else one copy per module."""
     a, f = stream_bytes(setup), DTYPE_BYTES[setup.adapter_dtype]
     copy = 2 if setup.autocast() else f  # bytes of the tensor lora_A saves
     shared = (a == f) if not setup.autocast() else (setup.method == "qlora" and a == 2)
