@@ -15,7 +15,7 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 
-from qlora_lab import fsdp, models, recipe, shapes, vram
+from qlora_lab import env, fsdp, models, recipe, shapes, vram
 from qlora_lab.runner import OneLineParser
 from qlora_lab.vram import Estimate, GiB, SetupError, estimate
 
@@ -26,10 +26,18 @@ GPUS = {  # name -> usable memory in bytes (marketing GB as the driver reports i
 }
 
 
+THIS_GPU = "this GPU"  # the card this kernel plans for: $QLORA_LAB_GPU_MEMORY, else the device's total
+
+
 def gpu_bytes(gpu: str) -> float:
-    """Usable bytes of a card in GPUS; SetupError listing the known ones. Example: gpu_bytes("T4 16GB") / GiB -> 15.0"""
+    """Usable bytes of a card in GPUS (or of THIS_GPU, with CUDA); SetupError listing the known ones.
+
+    Example: gpu_bytes("T4 16GB") / GiB -> 15.0;  gpu_bytes("this GPU") / GiB -> 15.0 with QLORA_LAB_GPU_MEMORY=15GiB
+    """
+    if gpu == THIS_GPU and env.gpu_memory_bytes():
+        return env.gpu_memory_bytes()
     if gpu not in GPUS:
-        raise SetupError(f"unknown GPU {gpu!r}; known: {', '.join(GPUS)}")
+        raise SetupError(f"{gpu!r} needs CUDA" if gpu == THIS_GPU else f"unknown GPU {gpu!r}; known: {', '.join(GPUS)}")
     return GPUS[gpu]
 
 

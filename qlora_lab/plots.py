@@ -288,7 +288,8 @@ def plot_vram_sweep(xs: list, series: dict, xlabel: str, gpu_gib: dict | None = 
 def plot_predicted_vs_measured(rows: list[dict], unit: str = "GiB", title: str = "Calculator vs measurement",
                                measured_label: str = "measured peak"):
     """Predicted against measured peaks, y = x and a ±10 % band; points are numbered and the
-    legend lists each number's configuration and error, so labels never overlap.
+    legend lists each number's configuration and error. Numbers sit beside their points, on
+    alternating sides in order of measured size, so neighbouring points' numbers do not collide.
 
     rows: dicts with "measured", "predicted" (bytes) and "label".
     Example: plot_predicted_vs_measured([{"label": "7b b4x512", "measured": 6.1e9, "predicted": 6.0e9}])
@@ -301,10 +302,12 @@ def plot_predicted_vs_measured(rows: list[dict], unit: str = "GiB", title: str =
     line = [bottom * (top / bottom) ** (i / 100) for i in range(101)]
     ax.plot(line, line, color="black", linewidth=1, label="predicted = measured")
     ax.fill_between(line, [g * 0.9 for g in line], [g * 1.1 for g in line], color="grey", alpha=0.2, label="±10 %")
-    for i, (r, x, y) in enumerate(zip(rows, measured, predicted), start=1):
-        ax.scatter([x], [y], s=80, zorder=3, color="#4c72b0")
-        ax.annotate(str(i), (x, y), fontsize=6, color="white", ha="center", va="center", zorder=4)
-        ax.plot([], [], " ", label=f"{i:2d}  {r.get('label', '')}  {y / x - 1:+.1%}")
+    ax.scatter(measured, predicted, s=25, zorder=3, color="#4c72b0")
+    side = {i: k % 2 for k, i in enumerate(sorted(range(len(rows)), key=measured.__getitem__))}  # 1: below right
+    for i, (r, x, y) in enumerate(zip(rows, measured, predicted)):
+        ax.annotate(str(i + 1), (x, y), xytext=(10, -12) if side[i] else (-10, 8), textcoords="offset points",
+                    fontsize=7, ha="center", va="center", zorder=4)
+        ax.plot([], [], " ", label=f"{i + 1:2d}  {r.get('label', '')}  {y / x - 1:+.1%}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel(f"{measured_label} ({unit})")

@@ -11,7 +11,7 @@ The panel's peak label carries the CSS class `qlora-peak` so a browser test can 
 import ipywidgets as W
 from IPython.display import clear_output, display
 
-from qlora_lab import budget, plots, recipe, shapes, vram
+from qlora_lab import budget, env, plots, recipe, shapes, vram
 
 TARGET_CHOICES = {"all-linear": "all-linear", "q,v": ("q_proj", "v_proj"),
                   "q,k,v,o": ("q_proj", "k_proj", "v_proj", "o_proj"),
@@ -52,7 +52,8 @@ def vram_panel(model: str = "llama-2-7b", method: str = "qlora", r: int = 16, ta
                                            description="mixed prec.", style=style),
         "grad_accum": W.IntSlider(value=grad_accum, min=1, max=32, description="grad accum", style=style,
                                   continuous_update=False),
-        "gpu": W.Dropdown(options=list(budget.GPUS), value=gpu, description="GPU", style=style),
+        "gpu": W.Dropdown(options=list(budget.GPUS) + ([budget.THIS_GPU] if env.gpu_memory_bytes() else []), value=gpu,
+                          description="GPU", style=style),
     }
     peak = W.HTML()
     peak.add_class("qlora-peak")

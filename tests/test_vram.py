@@ -158,6 +158,17 @@ def test_unknown_model_and_gpu():
         budget.fits(vram.estimate("llama-2-7b"), "GTX 970")
 
 
+def test_this_gpu_is_the_planned_budget(monkeypatch):
+    """"this GPU" judges against what env plans for (a rehearsal's 15 GiB, not the card's name); without CUDA it says so."""
+    monkeypatch.setattr(budget.env, "gpu_memory_bytes", lambda: 15 * vram.GiB)
+    assert budget.gpu_bytes(budget.THIS_GPU) == 15 * vram.GiB
+    seven_b = vram.estimate("llama-2-7b", method="qlora", batch=32, seq=2048)
+    assert budget.fits(seven_b, "H100 80GB") and not budget.fits(seven_b, budget.THIS_GPU)
+    monkeypatch.setattr(budget.env, "gpu_memory_bytes", lambda: None)
+    with pytest.raises(vram.SetupError, match="needs CUDA"):
+        budget.gpu_bytes(budget.THIS_GPU)
+
+
 def test_cli_json(capsys):
     from qlora_lab.__main__ import main
 
