@@ -57,7 +57,7 @@ class Setup:
     model: str = "llama-2-7b"  # preset shape (shapes.ARCHITECTURES), or a checkpoint dir / hub id
     method: str = "qlora"  # "full" (all weights train), "lora" (16-bit base + adapters), "qlora" (k-bit base + adapters)
     quant: str = "nf4"  # qlora base storage: "nf4" | "fp4" | "int8"
-    base_dtype: str | None = None  # full/lora weights: "fp32" | "bf16" | "fp16" (None: full fp32, lora bf16)
+    base_dtype: str | None = None  # full/lora weights: "fp32" | "bf16" | "fp16" (None: full fp32, lora its 16-bit precision)
     compute_dtype: str = "bf16"  # dtype k-bit layers compute in (and unquantized parts are loaded in)
     double_quant: bool = True  # quantize the absmax scales again (QLoRA's double quantization)
     blocksize: int = 64  # weights per absmax scale (bitsandbytes 4-bit)
@@ -95,7 +95,9 @@ class Setup:
         return self.precision() != "no"
 
     def resolved_base_dtype(self) -> str:
-        return self.base_dtype or ("fp32" if self.method == "full" else "bf16")
+        """The weights' dtype: full fp32; LoRA in the 16-bit type it trains in (fp16 on a T4), else bf16."""
+        return self.base_dtype or ("fp32" if self.method == "full" else
+                                   self.precision() if self.precision() in ("bf16", "fp16") else "bf16")
 
     def target_list(self) -> list[str]:
         return shapes.target_list(self.targets)
@@ -137,6 +139,10 @@ def validate(setup: Setup, sh: Arch) -> None:
             f"got {setup.mixed_precision!r}")
     if setup.autocast() and setup.method == "full":
         bad("mixed precision is modelled for LoRA and QLoRA; for a full fine-tune use mixed_precision='no'")
+    if setup.method == "lora" and {setup.resolved_base_dtype(), setup.precision()} == {"bf16", "fp16"}:
+        bad(f"a {setup.resolved_base_dtype()} base under {setup.precision()} autocast adds bf16 to fp16, which PyTorch "
+            f"promotes to fp32 (a wider residual stream, not modelled): load the base in {setup.precision()} "
+            f"(base_dtype='{setup.precision()}')")
     if not isinstance(setup.grad_accum, int) or setup.grad_accum <= 0:
         bad(f"grad_accum must be a positive integer, got {setup.grad_accum!r}")
     for name, value in (("batch", setup.batch), ("seq", setup.seq)):
