@@ -78,16 +78,23 @@ def for_device(configs: list[dict], device: str) -> list[dict]:
 
 
 def label(config: dict) -> str:
-    """A configuration's short name. Example: label(GRIDS["cpu-small"][0]) -> "smollm2-135m qlora b1x64 bf16" """
+    """A configuration's short name; a named row gets its compute dtype appended where the name does not say it.
+
+    Example: label(GRIDS["cpu-small"][0]) -> "smollm2-135m qlora r16 b1x64 bf16"
+    """
     setup = vram.Setup.of(config)
-    parts = [setup.model, setup.method, f"r{setup.r}" + ("" if setup.targets == "all-linear" else " q,v"),
+    if config.get("label"):
+        name = config["label"]
+        return name if setup.compute_dtype == "bf16" or setup.compute_dtype in name else f"{name}, {setup.compute_dtype}"
+    parts = [setup.model, setup.method, "" if setup.method == "full" else
+             f"r{setup.r}" + ("" if setup.targets == "all-linear" else " q,v"),
              f"b{setup.batch}x{setup.seq}" + (f" x{setup.grad_accum} accum" if setup.grad_accum > 1 else ""),
              setup.precision() if setup.autocast() else "no autocast",
              "" if setup.checkpointing else "no ckpt", "" if setup.prepare or setup.method != "qlora" else "no prepare",
              f"dropout {setup.lora_dropout:g}" if setup.lora_dropout else "", "eager" if setup.attn == "eager" else "",
              "loop keeping outputs" if setup.keep_outputs else "loop" if config.get("path") == "loop" else "",
              "from_pretrained" if config.get("checkpoint") else ""]
-    return config.get("label") or " ".join(p for p in parts if p)
+    return " ".join(p for p in parts if p)
 
 
 def measure_config(config: dict, device: str):

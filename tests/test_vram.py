@@ -289,3 +289,5 @@ def test_lab01_grid_follows_the_devices_16_bit_type(monkeypatch):
     unchanged = vram.Setup.of(calibrate.GRIDS["gpu"][1])
     assert vram.estimate(**vars(setups[1])).peak_allocated_bytes == vram.estimate(**vars(unchanged)).peak_allocated_bytes
     assert "bf16" not in " ".join(calibrate.label(c) for c in grid[1:])
+    assert calibrate.label(grid[0]) == f"{calibrate.GUIDE_LABEL}, fp16"  # a named row says its dtype too
+    assert calibrate.label(calibrate.GRIDS["cpu"][6]) == "smollm2-135m full b2x64 no autocast loop"  # no rank: no adapters
