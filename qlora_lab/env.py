@@ -57,6 +57,18 @@ def device_info() -> dict:
     return info
 
 
+def device_label(info: dict) -> str:
+    """The device a timing ran on, in words; under $QLORA_LAB_GPU_MEMORY it says memory was rehearsed, not speed.
+
+    Example: device_label({"gpu": "NVIDIA H200", "gpu_budget_gib": 15.0})
+             -> "NVIDIA H200 (held to 15.0 GiB: a memory rehearsal; the speed is this card's)"
+    """
+    if not info.get("gpu"):
+        return f"CPU, {info.get('torch_threads')} threads"
+    held = info.get("gpu_budget_gib")
+    return info["gpu"] + (f" (held to {held} GiB: a memory rehearsal; the speed is this card's)" if held else "")
+
+
 GPU_MEMORY_ENV = "QLORA_LAB_GPU_MEMORY"  # e.g. "15GiB": plan for a smaller GPU than this one, and hold PyTorch to it
 
 

@@ -159,6 +159,13 @@ def test_unknown_model_and_gpu():
         budget.fits(vram.estimate("llama-2-7b"), "GTX 970")
 
 
+def test_a_rehearsal_says_its_speed_is_the_real_cards():
+    assert budget.env.device_label({"gpu": "NVIDIA H200"}) == "NVIDIA H200"
+    held = budget.env.device_label({"gpu": "NVIDIA H200", "gpu_budget_gib": 15.0})
+    assert held.startswith("NVIDIA H200 (held to 15.0 GiB") and "speed is this card's" in held
+    assert budget.env.device_label({"gpu": None, "torch_threads": 2}) == "CPU, 2 threads"
+
+
 def test_lora_base_follows_its_16_bit_precision():
     """A T4 (fp16) LoRA run loads its base in fp16, as users do: a bf16 base under fp16 autocast measured +17 % on an
     H200 (llama-3.2-1b, b4x1024, no checkpointing), PyTorch promoting bf16 + fp16 to fp32."""
