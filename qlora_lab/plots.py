@@ -10,6 +10,7 @@ import math
 import textwrap
 
 import matplotlib.pyplot as plt
+import matplotlib.ticker as ticker
 import numpy as np
 import pandas as pd
 from IPython.display import display
@@ -20,6 +21,25 @@ def _finish(fig):
     fig.tight_layout()
     plt.close(fig)
     return fig
+
+
+class _PlainLogFormatter(ticker.LogFormatter):
+    """matplotlib's choice of which log-axis ticks to label, written as plain numbers: 4, 0.01, 20,000 (not 2⁴, 3×10⁰)."""
+
+    def __call__(self, x, pos=None):
+        return (f"{x:,.0f}" if x >= 1e4 else f"{x:.4g}") if super().__call__(x, pos) else ""
+
+
+def _log_axis(ax, which: str = "y", base: float = 10, ticks: list | None = None):
+    """Log scale on ax's "x", "y" or "xy" axes with plain tick labels; ticks: explicit positions (the ranks run, say)."""
+    for w in which:
+        getattr(ax, f"set_{w}scale")("log", base=base)
+        axis = getattr(ax, f"{w}axis")
+        axis.set_major_formatter(_PlainLogFormatter(base))
+        axis.set_minor_formatter(_PlainLogFormatter(base, labelOnlyBase=False))
+        if ticks is not None:
+            axis.set_ticks(ticks, [f"{t:g}" for t in ticks], minor=False)
+            axis.set_minor_locator(ticker.NullLocator())
 
 
 def table(frame: pd.DataFrame, digits: int | None = None) -> None:
@@ -196,7 +216,7 @@ def plot_error_vs_blocksize(mse: dict, bits: dict):
         sizes = sorted(by_size)
         ax.plot(sizes, [by_size[s] for s in sizes], marker="o", label=fmt.upper(), color=LAB02_COLORS.get(fmt))
     sizes = sorted(bits)
-    ax.set_xscale("log", base=2)
+    _log_axis(ax, "x", 2, sizes)
     ax.set_xticks(sizes, [f"{s}\n{bits[s]:.3g} bits" for s in sizes], fontsize=8)
     ax.set_xlabel("blocksize (values per absmax), and bits per parameter it costs without double quantization")
     ax.set_ylabel("mean squared error")
@@ -275,8 +295,7 @@ def plot_vram_sweep(xs: list, series: dict, xlabel: str, gpu_gib: dict | None = 
     for name, gib in (gpu_gib or {}).items():
         ax.axhline(gib, color="black", linestyle=":", linewidth=1)
         ax.text(xs[0], gib, f" {name}", fontsize=8, va="bottom")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(xs, [str(x) for x in xs])
+    _log_axis(ax, "x", 2, xs)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("predicted device total (GiB, as nvidia-smi shows)")
     ax.set_title(title)
@@ -308,8 +327,7 @@ def plot_predicted_vs_measured(rows: list[dict], unit: str = "GiB", title: str =
         ax.annotate(str(i + 1), (x, y), xytext=(10, -12) if side[i] else (-10, 8), textcoords="offset points",
                     fontsize=7, ha="center", va="center", zorder=4)
         ax.plot([], [], " ", label=f"{i + 1:2d}  {r.get('label', '')}  {y / x - 1:+.1%}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    _log_axis(ax, "xy")
     ax.set_xlabel(f"{measured_label} ({unit})")
     ax.set_ylabel(f"predicted peak ({unit})")
     ax.set_title(title)
@@ -344,11 +362,7 @@ def plot_step_timeline(timeline: list, phase_peaks: dict, card_gib: float | None
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
-    out = []
-    for i in range(len(values)):
-        chunk = values[max(0, i - window + 1): i + 1]
-        out.append(sum(chunk) / len(chunk))
-    return out
+    return [sum(c) / len(c) for c in (values[max(0, i - window + 1): i + 1] for i in range(len(values)))]
 
 
 def plot_sweep_curves(results: dict[str, dict], groups: dict[str, dict[int, str]], x: str = "steps", y: str = "losses",
@@ -358,22 +372,25 @@ def plot_sweep_curves(results: dict[str, dict], groups: dict[str, dict[int, str]
 
     groups maps a rule label to {r: point name}; results maps point names to run_sweep
     results. x/y name the lists to draw ("steps"/"losses" or "delta_w_steps"/"delta_w_norms");
-    smooth averages the last `smooth` values (training losses of single batches are noisy).
+    smooth averages the last `smooth` values (training losses of single batches are noisy). A log axis
+    leaves out values <= 0 (||delta W|| is 0 at step 0); a panel that mixes target sets names them.
     Example: plot_sweep_curves(results, {"alpha=2r": {4: "r=4,alpha=8,rslora=False"}})
     """
     ranks, cmap = sorted({r for g in groups.values() for r in g}), plt.get_cmap("viridis")
     colors = {r: cmap(i / max(1, len(ranks) - 1)) for i, r in enumerate(ranks)}
-    fig, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 3.6), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(groups), figsize=(max(5.0, 3.6 * len(groups)), 3.6), sharey=True, squeeze=False)
     for ax, (label, by_rank) in zip(axes[0], groups.items()):
-        for r, name in sorted(by_rank.items()):
-            res = results.get(name)
-            if res is None:
-                continue
-            ax.plot(res[x], _smooth(res[y], smooth), color=colors[r], label=f"r={r} (scale {res['scale']:.3g})")
-        ax.set_title(label, fontsize=10)
+        runs = {r: results[name] for r, name in sorted(by_rank.items()) if name in results}
+        targets = {r: t if isinstance(t := res["point"]["targets"], str) else "+".join(t) for r, res in runs.items()}
+        for r, res in runs.items():
+            xs, ys = res[x], _smooth(res[y], smooth)
+            keep = [i for i, v in enumerate(ys) if v > 0 or not log_y]
+            name = (f"{targets[r]}, " if len(set(targets.values())) > 1 else "") + f"r={r} (scale {res['scale']:.3g})"
+            ax.plot([xs[i] for i in keep], [ys[i] for i in keep], color=colors[r], label=name)
+        ax.set_title(textwrap.fill(label, 45), fontsize=10)
         ax.set_xlabel("optimizer step")
         if log_y:
-            ax.set_yscale("log")
+            _log_axis(ax)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel(ylabel)
@@ -414,29 +431,27 @@ def plot_params_and_memory(ranks: list[int], formula: list[int], peft: list[int]
     """Trainable parameters (formula vs peft) and memory against r.
 
     adapter_state_bytes is what the adapters cost to train (weights, gradients, optimizer
-    states), computed; peak_bytes is what each sweep point measured.
+    states), computed; peak_bytes is what each sweep point measured. Both memory lines are the
+    increase over the smallest measured rank, so they are the same quantity.
     Example: plot_params_and_memory([1, 4], [1e5, 4e5], [1e5, 4e5], [2.1e9, 2.2e9], [1.6e6, 6.4e6])
     """
     fig, (ax_p, ax_m) = plt.subplots(1, 2, figsize=(11, 3.8))
     ax_p.plot(ranks, formula, "o-", label="r x sum(d_in + d_out), from the architecture")
     ax_p.plot(ranks, peft, "x", markersize=10, color="black", label="peft's count")
-    ax_p.set_xscale("log", base=2)
-    ax_p.set_yscale("log")
-    ax_p.set_xlabel("rank r")
+    _log_axis(ax_p, "y")
     ax_p.set_ylabel("trainable parameters")
-    ax_p.legend(fontsize=8)
-    mib = 2 ** 20
-    ax_m.plot(ranks, [b / mib for b in adapter_state_bytes], "o-", label="adapter training state (computed)")
-    measured = [(r, b) for r, b in zip(ranks, peak_bytes) if b]
+    mib, measured = 2 ** 20, {r: b for r, b in zip(ranks, peak_bytes) if b}
+    ref = min(measured or ranks)  # the rank both memory lines start from
+    state = dict(zip(ranks, adapter_state_bytes))
+    ax_m.plot(ranks, [(state[r] - state[ref]) / mib for r in ranks], "o-", label="adapter training state (computed)")
     if measured:
-        base = min(b for _, b in measured)
-        ax_m.plot([r for r, _ in measured], [(b - base) / mib for _, b in measured], "s--",
-                  label=f"{memory_kind}, above the smallest")
-    ax_m.set_xscale("log", base=2)
-    ax_m.set_xlabel("rank r")
-    ax_m.set_ylabel("MiB")
-    ax_m.legend(fontsize=8)
+        ax_m.plot(list(measured), [(b - measured[ref]) / mib for b in measured.values()], "s--",
+                  label=f"{memory_kind} (measured)")
+    ax_m.set_ylabel(f"MiB more than at r={ref}")
     for ax in (ax_p, ax_m):
+        _log_axis(ax, "x", 2, ranks)
+        ax.set_xlabel("rank r")
+        ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     return _finish(fig)
 
@@ -456,8 +471,8 @@ def plot_spectra(spectra: dict[str, list[list[float]]], title: str = "Singular v
         index = np.arange(1, k + 1)
         line, = ax.plot(index, median, "o-", markersize=3, label=label)
         ax.fill_between(index, low, high, color=line.get_color(), alpha=0.15)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
+    _log_axis(ax, "x", 2)
+    _log_axis(ax, "y")
     ax.set_xlabel("singular value index i")
     ax.set_ylabel("sigma_i / sigma_1 (median over layers, 25-75 % band)")
     ax.set_title(title)
@@ -503,7 +518,7 @@ def plot_finetune_curves(log_history: list[dict], before: dict | None = None, af
         ax_acc.errorbar([0, last], pct, yerr=err, fmt="D", color="tab:red", capsize=4,
                         label=f"generated exact match, 95 % interval (before: {generated[0]['examples']} items, "
                               f"after: {generated[1]['examples']})")
-    ax_loss.set_yscale("log")
+    _log_axis(ax_loss)
     ax_loss.set_xlabel("optimizer step")
     ax_loss.set_ylabel("cross-entropy per answer token (nats, log scale)")
     ax_acc.set_xlabel("optimizer step")
@@ -574,7 +589,8 @@ def plot_update_vs_step(rows: list[dict], title: str = "Merging into 4-bit: the 
                            (ax_err, "error", "|dW stored - dW| / |dW|")):
         values = [r[key] for r in rows if r[key] > 0] + [0.5 if key == "ratio" else 1.0]
         wide = max(values) / min(values) > 10  # a log axis only where the values span more than a decade
-        ax.set_yscale("log" if wide else "linear")
+        if wide:
+            _log_axis(ax)
         ax.set_ylabel(label + (" (log)" if wide else ""))
         ax.set_xlabel("decoder layer")
         ax.grid(alpha=0.3)
