@@ -16,9 +16,8 @@ import tempfile
 from dataclasses import asdict, replace
 
 import torch
-from tqdm.auto import tqdm
 
-from qlora_lab import budget, measure, models, recipe, vram
+from qlora_lab import budget, env, measure, models, recipe, vram
 
 GUIDE = dict(model="llama-3.1-8b", method="qlora", r=16, lora_dropout=0.05, batch=4, seq=512, grad_accum=4,
              optimizer="paged_adamw_8bit", mixed_precision="bf16")  # the QLoRA guides' complete training example
@@ -118,7 +117,7 @@ def compare(configs: list[dict], device: str, progress: bool = True) -> list[dic
     Example: compare(GRIDS["cpu-small"], "cpu")[0]["error"] -> 0.001
     """
     rows = []
-    for config in tqdm(configs, desc=f"measuring on {device}", unit="config", disable=not progress):
+    for config in env.progress(configs, desc=f"measuring on {device}", unit="config", disable=not progress):
         predicted = vram.estimate(device=device, **asdict(vram.Setup.of(config)))
         row = {"label": label(config), "config": config, "predicted_phases": predicted.phases,
                "predicted_paged": predicted.paged_bytes, "predicted_device": predicted.device_bytes}

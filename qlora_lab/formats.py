@@ -16,9 +16,8 @@ import math
 
 import bitsandbytes.functional as bnbf
 import torch
-from tqdm.auto import tqdm
 
-from qlora_lab import shapes
+from qlora_lab import env, shapes
 from qlora_lab.quant import dequantize, layout_bytes, quantize, stored_bytes, unpack
 from qlora_lab.recipe import CODEBOOKS
 
@@ -175,7 +174,7 @@ def check_cases(cases: list[tuple], progress: bool = True) -> list[dict]:
     """compare_with_bitsandbytes over every case: one row per case with which parts are identical."""
     return [{"case": label, "format": quant_type, "blocksize": blocksize, "double_quant": double_quant,
              **compare_with_bitsandbytes(w, quant_type, blocksize, double_quant)}
-            for label, w, quant_type, blocksize, double_quant in tqdm(cases, desc="compare with bitsandbytes",
+            for label, w, quant_type, blocksize, double_quant in env.progress(cases, desc="compare with bitsandbytes",
                                                                      disable=not progress)]
 
 
@@ -185,7 +184,7 @@ def errors_by_type(samples: dict[str, torch.Tensor], blocksize: int = 64) -> tup
     Example: overall, by_type = errors_by_type({"model.layers.0.self_attn.q_proj": w}); overall["nf4"]["mse"] -> 3.4e-4
     """
     stats = {fmt: {} for fmt in CODEBOOKS}
-    for name, w in tqdm(samples.items(), desc="quantize with " + ", ".join(f.upper() for f in CODEBOOKS)):
+    for name, w in env.progress(samples.items(), desc="quantize with " + ", ".join(f.upper() for f in CODEBOOKS)):
         for fmt in CODEBOOKS:
             stats[fmt].setdefault(layer_type(name), []).append(error_stats(w, fmt, blocksize))
     overall = {fmt: summarize_errors([s for per_type in stats[fmt].values() for s in per_type]) for fmt in stats}
@@ -198,7 +197,7 @@ def mse_by_blocksize(weights: dict[str, torch.Tensor], blocksizes: list[int], va
     Example: mse_by_blocksize({"q": w}, [64, 256])["nf4"][256] > mse_by_blocksize({"q": w}, [64, 256])["nf4"][64] -> True
     """
     out = {fmt: {} for fmt in CODEBOOKS}
-    for blocksize in tqdm(blocksizes, desc="blocksize sweep"):
+    for blocksize in env.progress(blocksizes, desc="blocksize sweep"):
         for fmt in CODEBOOKS:
             out[fmt][blocksize] = summarize_errors([error_stats(w.reshape(-1)[:values], fmt, blocksize)
                                                     for w in weights.values()])["mse"]

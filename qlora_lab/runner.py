@@ -160,6 +160,8 @@ def run_notebook(notebook: Path, profile: str, out_dir: Path, overrides: dict | 
     # (restored afterwards, so later subprocesses of this process do not import the checkout by surprise)
     saved_path = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(paths.REPO_ROOT), saved_path]))
+    headless_before = os.environ.get(env.HEADLESS_ENV)
+    os.environ[env.HEADLESS_ENV] = "1"  # env.progress: text bars, which a saved notebook keeps at their last state
     # papermill warns about every line of a multi-line parameter (our PROFILES dict); it is fine
     logging.getLogger("papermill.translators").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="Cell is missing an id field")  # papermill's injected cell has none
@@ -176,10 +178,11 @@ def run_notebook(notebook: Path, profile: str, out_dir: Path, overrides: dict | 
     except Exception as err:  # kernel died, timeout, bad notebook: still a failed entry, not a crash
         error = {"cell_index": None, "source": "", "ename": type(err).__name__, "evalue": str(err), "traceback": ""}
     finally:
-        if saved_path is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = saved_path
+        for name, before in (("PYTHONPATH", saved_path), (env.HEADLESS_ENV, headless_before)):
+            if before is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = before
     seconds = time.perf_counter() - start
     results = read_results(output) if output.exists() else {}
     return {"status": "failed" if error else "ok", "seconds": round(seconds, 2), "results": results,

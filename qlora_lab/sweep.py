@@ -19,10 +19,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from qlora_lab import data, evals, lora, models, paths, shapes, train
+from qlora_lab import data, env, evals, lora, models, paths, shapes, train
 from qlora_lab.shapes import ALL_LINEAR
 
 SWEEP_FORMAT = 1  # bump when what run_point stores changes: old cache entries then no longer match
@@ -182,7 +181,7 @@ def run_sweep(points: list[SweepPoint], settings: SweepSettings, cache_dir: str 
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     results, base = {}, None
-    bar = tqdm(points, desc="sweep", unit="point", disable=not progress)
+    bar = env.progress(points, desc="sweep", unit="point", disable=not progress)
     for point in bar:
         bar.set_postfix_str(point.name)
         key = point_key(point, settings)

@@ -114,6 +114,8 @@ def test_without_a_second_step_a_is_not_verified_but_not_failed(base):
     report = run(peft_model, optimizer, batch, second_step=False)
     assert report.ok and report.steps == 1 and report.lora_stats["A moved at step 2"] == 0
     assert "No second step" in " ".join(report.notes)
+    moved = next(c for c in report.checks if c.name == "LoRA moved").detail
+    assert "A at step 2: not run" in moved  # not "0", which would read as "did not move"
 
 
 # --------------------------------------------------------------------------- broken setups

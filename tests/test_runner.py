@@ -53,10 +53,15 @@ def test_run_records_results_and_summary(tmp_path):
     nb = _notebook(tmp_path / "01_ok.ipynb",
                    "from qlora_lab import record\nfrom qlora_lab.runner import profile_settings\n"
                    "P = profile_settings(PROFILES, profile, overrides)",
-                   "record('n_steps', P.n)\nrecord('profile_used', P.profile)\nrecord('nested', {'a': [1, 2.5]})")
+                   "record('n_steps', P.n)\nrecord('profile_used', P.profile)\nrecord('nested', {'a': [1, 2.5]})",
+                   "import tqdm.notebook\nfrom qlora_lab import env\n"
+                   "record('widget', [isinstance(b(range(1)), tqdm.notebook.tqdm) for b in (env.progress, env.auto_bar)])")
+    headless_before = os.environ.get("QLORA_LAB_HEADLESS")
     summary = runner.run_notebooks([nb], "smoke", tmp_path / "runs", progress=False)
     entry = summary["notebooks"]["01_ok"]
     assert entry["status"] == "ok" and entry["error"] is None and entry["seconds"] > 0
+    # in the runner's kernels a bar is text (a widget would be saved frozen at 0 %), where tqdm.auto picks the widget
+    assert entry["results"].pop("widget") == [False, True] and os.environ.get("QLORA_LAB_HEADLESS") == headless_before
     assert entry["results"] == {"n_steps": 2, "profile_used": "smoke", "nested": {"a": [1, 2.5]}}
     on_disk = json.loads((tmp_path / "runs" / "smoke" / "summary.json").read_text())
     assert on_disk["profile"] == "smoke" and on_disk["notebooks"]["01_ok"]["results"]["n_steps"] == 2
