@@ -331,22 +331,33 @@ def inference_speed(rates: dict[str, tuple[float, float, float]], device: str) -
 # --------------------------------------------------------------------------- lab 06: paper scale
 
 
-def paper_verdict(name: str, target_gib: float, predicted, measured=None) -> Finding:
-    """Does a shape fine-tune in the paper's memory? The three-tier verdict (budget.verdict): allocated, plus the
-    paged optimizer state, device total; measured when a run exists, else predicted.
+def paper_verdict(name: str, target_gib: float, predicted, measured=None, margin_gib: float = 0.5,
+                  card: str = "") -> Finding:
+    """Does a shape fine-tune in the paper's memory? The three-tier verdict (budget.verdict: allocated, plus the paged
+    optimizer state, device total), measured when a run exists, else predicted; a highest tier within margin_gib of
+    the limit, on either side, is "at the limit", not fits / does not fit (the caller states why that margin).
 
-    predicted: a vram.Estimate; measured: a measure.Measurement or None.
-    Example: paper_verdict("llama-65b", 48, est).sentence -> "llama-65b, predicted: does not fit 48.0 GiB (...)"
+    predicted: a vram.Estimate; measured: a measure.Measurement or None; card: what target_gib stands for, said in the
+    sentence after the limit (e.g. ', the paper's "48 GB" read as 48 GiB').
+    Example: paper_verdict("llama-65b", 48, est).facts["call"] -> "does not fit"
     """
-    limit = target_gib * 2**30
+    limit, margin = target_gib * 2**30, margin_gib * 2**30
     if measured is None:
-        v = budget.predicted_verdict(predicted, limit)
-        return Finding(f"{name}, predicted (not measured here): {v}", {"fits": v.fits, "decided_by": v.decided_by,
-                                                                         "measured": False})
-    v = budget.verdict(measured.peak_allocated_bytes, measured.paged_bytes, measured.device_used_bytes, limit)
-    return Finding(f"{name}, measured at batch 1: {v}; the calculator predicted "
-                   f"{predicted.peak_allocated_bytes / 2**30:.1f} GiB allocated",
-                   {"fits": v.fits, "decided_by": v.decided_by, "measured": True})
+        v, how = budget.predicted_verdict(predicted, limit), "predicted (not measured here)"
+    else:
+        v = budget.verdict(measured.peak_allocated_bytes, measured.paged_bytes, measured.device_used_bytes, limit)
+        how = "measured at batch 1"
+    tier, top = max(v.tiers.items(), key=lambda item: item[1])
+    call = "fits" if top <= limit - margin else "does not fit" if top > limit + margin else "at the limit"
+    if call == "at the limit":
+        listing = ", ".join(f"{t} {b / 2**30:.2f} GiB" for t, b in v.tiers.items())
+        said = (f"AT THE LIMIT of {target_gib:.1f} GiB{card}: its {tier}, {top / 2**30:.2f} GiB, is within "
+                f"{margin_gib:.2f} GiB of it, closer than one reading settles ({listing})")
+    else:
+        said = f"{call} {target_gib:.1f} GiB{card}, by more than {margin_gib:.2f} GiB ({str(v).split(' (', 1)[1]}"
+    tail = "" if measured is None else f"; the calculator said {predicted.peak_allocated_bytes / 2**30:.1f} GiB allocated"
+    return Finding(f"{name}, {how}: {said}{tail}", {"call": call, "fits": v.fits, "decided_by": v.decided_by,
+                                                    "measured": measured is not None, "margin_gib": margin_gib})
 
 
 # --------------------------------------------------------------------------- lab 08: FSDP across GPUs

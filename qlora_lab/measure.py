@@ -1,19 +1,19 @@
 """Measure the memory of real training steps: the ground truth for the VRAM calculator.
 
-`measure(setup)` builds the model a `vram.Setup` describes (a `random:` shape, so any size
-can be measured with no download), trains it for a few real steps in train mode, and reports
-the peak of the last step, when the optimizer state already exists:
+`measure(setup)` builds the model a `vram.Setup` describes (a `random:` shape, so any size can be measured with no
+download), trains it for a few real steps in train mode, and reports the peak of the last step, when the optimizer
+state already exists:
 
 - on CUDA: `torch.cuda.max_memory_allocated` (what the calculator predicts), each phase's peak,
   `max_memory_reserved`, and the device-level use (`mem_get_info`: context, paged state too);
-- on CPU: the peak of live tensor bytes (a TorchDispatchMode sees every tensor an op creates and
-  when its storage is freed) plus the bytes alive before the step: max_memory_allocated's CPU
-  analogue (no allocator rounding, no CUDA workspaces); process RSS is reported beside it.
+- on CPU: the peak of live tensor bytes (a TorchDispatchMode sees every tensor an op creates and when its storage is
+  freed) plus the bytes alive before the step: max_memory_allocated's CPU analogue (no allocator rounding, no CUDA
+  workspaces); process RSS is reported beside it.
 
-The recipe: `models.load_model` -> `lora.add_lora` (peft's prepare for k-bit bases) -> optimizer ->
-loss, backward, step, zero_grad(set_to_none=True), on random token ids of full length (no padding).
-Pitfall: transformers turns gradient checkpointing off in eval mode, so a "training" step measured
-after model.eval() is the no-checkpointing memory; `measure` asserts train mode.
+The recipe: `models.load_model` -> `lora.add_lora` (peft's prepare for k-bit bases) -> optimizer -> loss, backward,
+step, zero_grad(set_to_none=True), on random token ids of full length (no padding). Pitfall: transformers turns
+gradient checkpointing off in eval mode, so a "training" step measured after model.eval() is the no-checkpointing
+memory; `measure` asserts train mode.
 """
 
 import ctypes
@@ -64,8 +64,7 @@ class Measurement:
 
 class LiveTensorBytes(TorchDispatchMode):
     """Counts bytes of tensor storages created inside the mode that are still alive, and their peak (storages that
-    existed before, weights and optimizer state, are not counted). Example: with LiveTensorBytes() as live: ...
-    """
+    existed before, weights and optimizer state, are not counted). Example: with LiveTensorBytes() as live: ..."""
 
     def __init__(self):
         super().__init__()
@@ -99,8 +98,7 @@ class LiveTensorBytes(TorchDispatchMode):
 
 
 def _live_tensors():
-    """Every real tensor the garbage collector knows (skips weak proxies, meta tensors and tensor
-    subclasses without storage, e.g. FakeTensors another library left alive)."""
+    """Every real tensor the garbage collector knows (not weak proxies, meta tensors, storage-less FakeTensors)."""
     tensors = []
     for o in gc.get_objects():
         if type(o) in weakref.ProxyTypes:  # isinstance() on a dead proxy raises ReferenceError
@@ -115,9 +113,8 @@ def _live_tensors():
 
 
 def owned_tensor_bytes(model, optimizer=None, *extra: torch.Tensor) -> int:
-    """Bytes of the distinct storages a training run owns: parameters (with 4-bit quant states),
-    buffers, optimizer state and any extra tensors (the batch). Other tensors in the process
-    (an earlier model a notebook still holds, say) are not counted."""
+    """Bytes of the distinct storages a training run owns: parameters (with 4-bit quant states), buffers, optimizer
+    state and any extra tensors (the batch); not other tensors in the process (an earlier model a notebook holds)."""
     tensors = list(model.parameters()) + list(model.buffers()) + list(extra)
     for p in model.parameters():
         state = getattr(p, "quant_state", None)
@@ -135,11 +132,9 @@ def owned_tensor_bytes(model, optimizer=None, *extra: torch.Tensor) -> int:
 
 
 def saved_activation_bytes(model, input_ids: torch.Tensor) -> int:
-    """Bytes of distinct tensors autograd saves for backward in one forward (parameters excluded).
-
-    Counted with torch.autograd.graph.saved_tensors_hooks, deduplicated by storage. This is
-    the `activations` (+ saved loss) term of the calculator, measured.
-    """
+    """Bytes of distinct tensors autograd saves for backward in one forward (parameters excluded), counted with
+    torch.autograd.graph.saved_tensors_hooks, deduplicated by storage: the calculator's `activations` (+ saved loss)
+    term, measured."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -156,12 +151,9 @@ def saved_activation_bytes(model, input_ids: torch.Tensor) -> int:
 
 
 def build(setup, device: str | None = None, seed: int = 0, wrap_mixed_precision: bool = True):
-    """The model (in train mode) and optimizer a vram.Setup describes, on `device`.
-
-    With mixed precision the model's forward is wrapped the way accelerate wraps it for Trainer
-    (autocast around forward and loss, outputs converted to fp32), unless wrap_mixed_precision
-    is False (Trainer wraps it itself).
-    """
+    """The model (in train mode) and optimizer a vram.Setup describes, on `device`. With mixed precision the model's
+    forward is wrapped the way accelerate wraps it for Trainer (autocast around forward and loss, outputs converted to
+    fp32), unless wrap_mixed_precision is False (Trainer wraps it itself)."""
     device = device or recipe.default_device()
     if setup.method == "qlora":
         model, _ = models.load_model(f"random:{setup.model}", quant=setup.quant, double_quant=setup.double_quant,
@@ -187,16 +179,14 @@ def build(setup, device: str | None = None, seed: int = 0, wrap_mixed_precision:
 
 
 def cast_adapters(model, adapter_dtype: str) -> None:
-    """Store the adapters in adapter_dtype. peft upcasts them to fp32; the QLoRA paper's script keeps bf16."""
-    if adapter_dtype != "fp32":
-        for p in lora.trainable_parameters(model):
-            p.data = p.data.to(recipe.DTYPES[adapter_dtype])
+    """Store the adapters in adapter_dtype (no-op if they are). peft upcasts them to fp32; the paper's script: bf16."""
+    for p in lora.trainable_parameters(model):
+        p.data = p.data.to(recipe.DTYPES[adapter_dtype])
 
 
 def _timeline_hooks(model, events: list, phase: list, allocated) -> list:
-    """Hooks recording (event, phase, allocated bytes) as each decoder layer starts and ends,
-    forward and backward (with checkpointing, the recomputation shows up as forward events
-    during the backward phase)."""
+    """Hooks recording (event, phase, allocated bytes) as each decoder layer starts and ends, forward and backward
+    (with checkpointing, the recomputation shows up as forward events during the backward phase)."""
     handles = []
     for i, layer in enumerate(m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")):
         handles.append(layer.register_forward_pre_hook(lambda m, a, i=i: events.append((f"L{i} in", phase[0], allocated()))))
@@ -207,11 +197,8 @@ def _timeline_hooks(model, events: list, phase: list, allocated) -> list:
 
 
 def measure(setup, steps: int = 2, device: str | None = None, seed: int = 0, timeline: bool = False) -> Measurement:
-    """Train `steps` real steps of a vram.Setup and measure the last one (see module docstring).
-
-    timeline=True also records allocated memory at every decoder layer's start and end in
-    forward and backward (CUDA only; a few hooks, negligible cost).
-
+    """Train `steps` real steps of a vram.Setup and measure the last one (see module docstring). timeline=True also
+    records allocated memory at every decoder layer's start and end in forward and backward (CUDA only; a few hooks).
     Example: measure(vram.Setup(model="smollm2-135m", batch=2, seq=128)).peak_allocated_bytes -> 312345678
     """
     if steps < 2:
@@ -231,10 +218,7 @@ _DEVICE = {"floor": None, "leftover": 0}  # device-level use at the first releas
 def release(device: str | torch.device = "cuda") -> int:
     """Free what earlier runs of this process left (cycles, cached blocks, cuBLAS's workspace); return the bytes still
     allocated (0 on a CPU; a plan subtracts them) and note in _DEVICE the device-level bytes still held (paged state,
-    say): readings subtract both.
-
-    Example: release("cuda") -> 0 (nothing left from earlier runs)
-    """
+    say): readings subtract both. Example: release("cuda") -> 0 (nothing left from earlier runs)"""
     gc.collect()
     if torch.device(device).type != "cuda":
         return 0
@@ -256,11 +240,9 @@ def _device_readings() -> tuple[int, int]:
 
 def train_step(model, optimizer, input_ids: torch.Tensor, mark=lambda phase: None, keep_outputs: bool = False,
                grad_accum: int = 1) -> float:
-    """One optimizer step of the lab's recipe over grad_accum micro-batches; mark(phase) is called as each
-    forward, each backward and the optimizer step end.
-
-    keep_outputs=True is the hand-written loop that keeps `out = model(...)` alive through
-    `out.loss.backward()`: its logits stay allocated during backward.
+    """One optimizer step of the lab's recipe over grad_accum micro-batches; mark(phase) is called as each forward, each
+    backward and the optimizer step end. keep_outputs=True is the hand-written loop that keeps `out = model(...)` alive
+    through `out.loss.backward()`: its logits stay allocated during backward.
     Example: train_step(model, optimizer, input_ids) -> 10.83
     """
     assert model.training, "measure a training step in train mode (eval mode disables checkpointing)"
@@ -374,11 +356,9 @@ def measure_steps(model, optimizer, setup, steps: int = 2, seed: int = 0, timeli
 def try_measure_steps(model, optimizer, setup, steps: int = 3, cap_gib: float | None = None,
                       timeline: bool = False, baseline: int = 0) -> tuple[Measurement | None, str | None]:
     """measure_steps with an out-of-memory recorded, not raised: (measurement, None) or (None, first line of the error).
-
-    cap_gib caps PyTorch's allocator at that many GiB for this run (a smaller card, as far as
-    PyTorch's tensors are concerned: torch.cuda.set_per_process_memory_fraction).
-    Example: try_measure_steps(model, opt, setup, cap_gib=48) -> (Measurement(...), None)
-    """
+    cap_gib caps PyTorch's allocator at that many GiB for this run (a smaller card, as far as PyTorch's tensors are
+    concerned: torch.cuda.set_per_process_memory_fraction).
+    Example: try_measure_steps(model, opt, setup, cap_gib=48) -> (Measurement(...), None)"""
     torch.cuda.empty_cache()
     try:
         if cap_gib:
@@ -422,14 +402,12 @@ class _StepPeaks(TrainerCallback):
 def measure_trainer(setup, steps: int = 3, device: str | None = None, seed: int = 0, checkpoint: str | None = None,
                     prepare_defaults: bool = False) -> Measurement:
     """Train `steps` steps of a vram.Setup with transformers' Trainer and measure every step's peak.
-
-    TrainingArguments carry what the setup says: bf16=/fp16= (mixed precision), gradient
-    accumulation, the optimizer by its Trainer name, gradient_checkpointing=setup.checkpointing.
-    The result's peak_allocated_bytes is the highest step peak (the first step included);
-    step_peaks lists them all. checkpoint: load the base with from_pretrained from that directory
-    (a 16-bit checkpoint quantized on the way in), and also measure the load and prepare peaks.
-    prepare_defaults: call prepare_model_for_kbit_training(model) with its defaults, as most
-    guides do, whatever setup.checkpointing says (the pitfall lab 01 measures).
+    TrainingArguments carry what the setup says: bf16=/fp16= (mixed precision), gradient accumulation, the optimizer
+    by its Trainer name, gradient_checkpointing=setup.checkpointing. The result's peak_allocated_bytes is the highest
+    step peak (the first step included); step_peaks lists them all. checkpoint: load the base with from_pretrained
+    from that directory (a 16-bit checkpoint quantized on the way in), and also measure the load and prepare peaks.
+    prepare_defaults: call prepare_model_for_kbit_training(model) with its defaults, as most guides do, whatever
+    setup.checkpointing says (the pitfall lab 01 measures).
     Example: measure_trainer(vram.Setup(model="smollm2-135m", batch=2, seq=128), device="cpu").step_peaks
     """
     device = torch.device(device or recipe.default_device())
@@ -472,8 +450,7 @@ def measure_trainer(setup, steps: int = 3, device: str | None = None, seed: int 
 
 
 def _load_and_prepare(setup, device: str, checkpoint: str | None, prepare_defaults: bool, seed: int):
-    """The base loaded as users load it (from_pretrained when a checkpoint is given), prepared, with LoRA;
-    plus the load and prepare peaks on CUDA."""
+    """The base as users load it (from_pretrained with a checkpoint), prepared, with LoRA; on CUDA, load/prepare peaks."""
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -494,59 +471,88 @@ def _load_and_prepare(setup, device: str, checkpoint: str | None, prepare_defaul
     return model, phases
 
 
-def measure_variants(setup, variants: dict[str, dict], steps: int = 3, timeline: bool = True) -> dict[str, dict]:
-    """Build the model of `setup` once on the GPU, then measure each variant of it on that one model.
+def measure_variants(setup, variants: dict[str, dict], steps: int = 3, timeline: bool = True,
+                     device: str = "cuda") -> dict[str, dict]:
+    """Build the model of `setup` once, then measure each variant of it on that one model.
 
-    variants: {label: Setup fields to change (seq, batch, adapter_dtype, ...) plus an optional
-    "cap_gib"}. A variant that changes adapter_dtype casts the adapters and gets a fresh
-    optimizer. Returns {label: {"result", "error", "prediction", "setup", "cap_gib",
-    "build_seconds", "storage"}}; an out-of-memory is a result (see try_measure_steps).
+    variants: {label: Setup fields to change (seq, adapter_dtype, ...) plus an optional "cap_gib"}. Each variant starts
+    clean: release() empties the caches, and its device reading subtracts only what earlier runs left (taken before the
+    build), not this model. A new adapter_dtype or optimizer casts the adapters and makes a fresh optimizer, the old one
+    freed first, paged state included (free_optimizer). Returns {label: {"result", "error", "prediction", "setup",
+    "cap_gib", "build_seconds", "storage"}}; an out-of-memory is a result (see try_measure_steps).
     Example: measure_variants(vram.Setup("llama-65b", r=64), {"paper": {}, "48 GiB": {"cap_gib": 48}})
     """
-    baseline = release("cuda")
-    start = time.perf_counter()
+    plan = {label: (replace(setup, **{k: v for k, v in change.items() if k != "cap_gib"}), change.get("cap_gib"))
+            for label, change in variants.items()}
+    baseline = release(device)
+    leftover, start = _DEVICE["leftover"], time.perf_counter()  # device bytes earlier runs left, before this build
+
+    def run(variant, cap_gib, result=None, error=None, **common):
+        return {"result": result, "error": error, "prediction": vram.estimate(**asdict(variant)), "setup": variant,
+                "cap_gib": cap_gib, "build_seconds": 0.0, "storage": {}, **common}
     try:
-        model, optimizer = build(setup, "cuda")
+        model, optimizer = build(setup, device)
     except torch.cuda.OutOfMemoryError as err:  # a result too: it did not even load
-        release("cuda")
+        release(device)
         error = "out of memory while building the model: " + str(err).splitlines()[0]
-        return {label: {"result": None, "error": error, "prediction": vram.estimate(**asdict(replace(setup, **{
-            k: v for k, v in change.items() if k != "cap_gib"}))), "setup": setup, "cap_gib": None, "build_seconds": 0.0,
-            "storage": {}} for label, change in variants.items()}
+        return {label: run(variant, None, error=error) for label, (variant, _) in plan.items()}
     common = {"build_seconds": time.perf_counter() - start, "storage": quant.model_storage(model)}
-    runs, adapter_dtype = {}, setup.adapter_dtype
-    for label, change in variants.items():
-        change = dict(change)
-        cap_gib = change.pop("cap_gib", None)
-        variant = replace(setup, **change)
-        if variant.adapter_dtype != adapter_dtype:
+    runs, current = {}, setup
+    for label, (variant, cap_gib) in plan.items():
+        if (variant.adapter_dtype, variant.optimizer) != (current.adapter_dtype, current.optimizer):
+            leftover += free_optimizer(optimizer)  # paged bytes it could not free stay on the device: not this run's
             cast_adapters(model, variant.adapter_dtype)
-            adapter_dtype, optimizer = variant.adapter_dtype, recipe.make_optimizer(variant.optimizer,
-                                                                                    lora.trainable_parameters(model))
+            optimizer, current = recipe.make_optimizer(variant.optimizer, lora.trainable_parameters(model)), variant
+        release(device)  # the last variant's cached blocks and cuBLAS workspace go; it re-reads the device ...
+        _DEVICE["leftover"] = leftover  # ... but the live model is this variant's own, not an earlier run's
         result, error = try_measure_steps(model, optimizer, variant, steps, cap_gib, timeline, baseline)
-        runs[label] = {"result": result, "error": error, "prediction": vram.estimate(**asdict(variant)),
-                       "setup": variant, "cap_gib": cap_gib, **common}
+        runs[label] = run(variant, cap_gib, result, error, **common)
+    free_optimizer(optimizer)
     del model, optimizer
-    release("cuda")
+    release(device)
     return runs
+
+
+def free_optimizer(optimizer) -> int:
+    """Drop an optimizer's state, paged state included (bitsandbytes allocates each paged buffer in CUDA unified memory,
+    keeps it in its page manager and never frees it: here it leaves the manager and is freed with cuMemFree). Returns
+    the paged bytes that could not be freed (they stay on the device). Example: free_optimizer(optimizer) -> 0"""
+    paged = _paged_tensors(optimizer)
+    optimizer.state.clear()
+    if paged:  # out of bitsandbytes' page manager, and no kernel may still use them
+        from bitsandbytes.functional import GlobalPageManager
+
+        manager, ids = GlobalPageManager.get_instance(), {id(t) for t in paged}
+        manager.paged_tensors = [t for t in manager.paged_tensors if id(t) not in ids]
+        torch.cuda.synchronize()
+    pointers = [(t.data_ptr(), t.numel() * t.element_size()) for t in paged]
+    del paged
+    return sum(nbytes for pointer, nbytes in pointers if not _free_managed(pointer))
+
+
+def _free_managed(pointer: int) -> bool:
+    """cuMemFree a CUDA unified-memory pointer; False where the driver library is missing or refuses."""
+    try:
+        return ctypes.CDLL("libcuda.so.1").cuMemFree_v2(ctypes.c_void_p(pointer)) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def paged_state_bytes(optimizer) -> int:
     """Bytes of optimizer state that bitsandbytes placed in CUDA unified (paged) memory."""
-    total = 0
-    for state in getattr(optimizer, "state", {}).values():
-        for value in state.values():
-            if isinstance(value, torch.Tensor) and getattr(value, "is_paged", False):
-                total += value.numel() * value.element_size()
-    return total
+    return sum(t.numel() * t.element_size() for t in _paged_tensors(optimizer))
+
+
+def _paged_tensors(optimizer) -> list[torch.Tensor]:
+    return [v for state in getattr(optimizer, "state", {}).values() for v in state.values()
+            if isinstance(v, torch.Tensor) and getattr(v, "is_paged", False)]
 
 
 class MemoryMeter:
     """Peak memory while a block runs: CUDA's allocator peak (CUDA_ALLOCATED), or on Linux CPUs the process's peak
     resident set (CPU_PEAK_RSS: VmHWM, reset at the start), None elsewhere. RSS counts everything the process holds
     (Python, libraries, other objects), so compare two runs in the same process state, not as "the model's memory".
-    Example: with MemoryMeter() as m: train(); m.peak_bytes -> 1_234_567_890
-    """
+    Example: with MemoryMeter() as m: train(); m.peak_bytes -> 1_234_567_890"""
 
     def __init__(self, device: str | torch.device | None = None):
         self.device = torch.device(device or recipe.default_device())

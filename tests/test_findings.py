@@ -123,14 +123,35 @@ def test_paper_verdict_uses_the_three_tiers():
     gib = 2**30
     est = SimpleNamespace(peak_allocated_bytes=43 * gib, paged_bytes=6.4 * gib, device_bytes=58 * gib)
     predicted = findings.paper_verdict("llama-65b", 48, est)
-    assert predicted.facts == {"fits": False, "decided_by": "+ paged state", "measured": False}  # 49.4 GiB
+    assert predicted.facts == {"call": "does not fit", "fits": False, "decided_by": "+ paged state", "measured": False,
+                               "margin_gib": 0.5}  # 49.4 GiB
     fits = SimpleNamespace(peak_allocated_bytes=40 * gib, paged_bytes=6 * gib, device_used_bytes=47 * gib)
-    assert findings.paper_verdict("llama-65b", 48, est, fits).facts == {"fits": True, "decided_by": "device total",
-                                                                        "measured": True}
+    assert findings.paper_verdict("llama-65b", 48, est, fits).facts == {
+        "call": "fits", "fits": True, "decided_by": "device total", "measured": True, "margin_gib": 0.5}
     device_over = SimpleNamespace(peak_allocated_bytes=40 * gib, paged_bytes=6 * gib, device_used_bytes=49 * gib)
     verdict = findings.paper_verdict("llama-65b", 48, est, device_over)
     assert verdict.facts["decided_by"] == "device total" and not verdict.facts["fits"]
     assert "does not fit 48.0 GiB" in verdict.sentence and "device total 49.0 GiB OVER" in verdict.sentence
+
+
+def test_paper_verdict_is_at_the_limit_within_the_margin():
+    """Lab 06's H200 run read 48.01 GiB against 48 GiB: 10 MiB over is at the limit, not 'does not fit'."""
+    gib = 2**30
+    est = SimpleNamespace(peak_allocated_bytes=39.5 * gib, paged_bytes=6 * gib, device_bytes=52 * gib)
+
+    def call(device_gib, margin_gib=0.5):
+        run = SimpleNamespace(peak_allocated_bytes=40 * gib, paged_bytes=6 * gib, device_used_bytes=device_gib * gib)
+        return findings.paper_verdict("llama-65b", 48, est, run, margin_gib, card=", the paper's '48 GB' as 48 GiB")
+
+    assert [call(g).facts["call"] for g in (47.4, 47.6, 48.01, 48.4, 48.6)] == [
+        "fits", "at the limit", "at the limit", "at the limit", "does not fit"]
+    at = call(48.01)
+    assert not at.facts["fits"]  # strictly over, yet inside the margin
+    assert "AT THE LIMIT of 48.0 GiB, the paper's '48 GB' as 48 GiB" in at.sentence and "device total 48.01" in at.sentence
+    assert "OVER" not in at.sentence and "within 0.50 GiB" in at.sentence
+    assert call(48.01, margin_gib=0).facts["call"] == "does not fit" and call(47.6, margin_gib=0).facts["call"] == "fits"
+    assert call(48.4, margin_gib=1).facts["call"] == "at the limit" and call(46.9, margin_gib=1).facts["call"] == "fits"
+    assert "fits 48.0 GiB, the paper's '48 GB' as 48 GiB, by more than 0.50 GiB" in call(47.4).sentence
 
 
 def test_merge_keeps_accuracy_flips_with_the_paired_interval():

@@ -240,6 +240,46 @@ def test_measure_refuses_a_single_step(tiny_shape):
         measure.measure(vram.Setup(model=tiny_shape), steps=1, device="cpu")
 
 
+def test_measure_variants_starts_each_variant_clean(tiny_shape, monkeypatch):
+    """Lab 06's variants share one model: release() runs before each, new adapters get a fresh optimizer after the old
+    one is freed (free_optimizer), and the cast goes both ways, so fp32 adapters again measure what they did first."""
+    calls = {"release": 0, "free": 0}
+    release, free = measure.release, measure.free_optimizer
+
+    def counting(name, real):
+        return lambda *a: calls.__setitem__(name, calls[name] + 1) or real(*a)
+    monkeypatch.setattr(measure, "release", counting("release", release))
+    monkeypatch.setattr(measure, "free_optimizer", counting("free", free))
+    variants = {"fp32": {}, "long": {"seq": 48}, "bf16": {"adapter_dtype": "bf16"}, "fp32 again": {"adapter_dtype": "fp32"}}
+    runs = measure.measure_variants(vram.Setup(model=tiny_shape, seq=32), variants, timeline=False, device="cpu")
+    assert calls == {"release": 1 + len(variants) + 1, "free": 2 + 1}  # before the build, each variant, the end
+    peaks = {label: run["result"].peak_allocated_bytes for label, run in runs.items()}
+    assert peaks["bf16"] < peaks["fp32"] < peaks["long"] and peaks["fp32 again"] == pytest.approx(peaks["fp32"], rel=1e-3)
+    assert [runs[k]["setup"].adapter_dtype for k in variants] == ["fp32", "fp32", "bf16", "fp32"]
+    assert runs["long"]["prediction"].peak_allocated_bytes == vram.estimate(tiny_shape, seq=48).peak_allocated_bytes
+
+
+def test_free_optimizer_frees_the_paged_state(monkeypatch):
+    """bitsandbytes never frees a paged buffer (CUDA unified memory, kept in its page manager): free_optimizer takes it
+    out of the manager and frees it; what the driver refuses to free is returned, as bytes left on the device."""
+    from types import SimpleNamespace
+
+    from bitsandbytes.functional import GlobalPageManager
+
+    paged, small = torch.zeros(1000), torch.zeros(10)
+    paged.is_paged = True
+    manager, pointer = GlobalPageManager.get_instance(), paged.data_ptr()
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    for driver_frees, left in ((True, 0), (False, 4000)):
+        monkeypatch.setattr(manager, "paged_tensors", [paged])
+        freed = []
+        monkeypatch.setattr(measure, "_free_managed", lambda p, ok=driver_frees, seen=freed: seen.append(p) or ok)
+        optimizer = SimpleNamespace(state={"p": {"state1": paged, "state2": small}})
+        assert measure.free_optimizer(optimizer) == left
+        assert freed == [pointer] and optimizer.state == {} and manager.paged_tensors == []
+    assert measure.free_optimizer(SimpleNamespace(state={"p": {"exp_avg": small}})) == 0
+
+
 @pytest.mark.gpu
 def test_paged_state_lives_outside_the_allocator():
     def allocated():  # without cuBLAS's workspace, which the first matmul of the process allocates and keeps
