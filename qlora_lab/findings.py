@@ -59,6 +59,15 @@ def show(findings: list[Finding], trained_weights: bool) -> list[Finding]:
     return shown
 
 
+def untrained_caption(trained_weights: bool, what: str, cannot: str) -> None:
+    """On random weights, print above a table or figure that its weight-dependent part is not a result.
+
+    Example: untrained_caption(False, "the eval losses", "which format costs a trained model least")
+    """
+    if not trained_weights:
+        print(f"RANDOM WEIGHTS: {what} below come from an untrained model; they show the run worked, not {cannot}.")
+
+
 def record_finding(name: str, value, trained_weights: bool) -> None:
     """record() a weight-dependent result only for trained weights; on random weights nothing is recorded.
 

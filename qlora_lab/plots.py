@@ -346,9 +346,10 @@ def plot_step_timeline(timeline: list, phase_peaks: dict, card_gib: float | None
     fig, ax = plt.subplots(figsize=(9, 4))
     ax.scatter(range(len(timeline)), [b / 2**30 for _, _, b in timeline], s=4,
                c=[colors.get(p, "grey") for _, p, _ in timeline])
-    for phase, peak in phase_peaks.items():
-        ax.axhline(peak / 2**30, linestyle=":", linewidth=1, color=colors.get(phase, "#55a868"))
-        ax.text(len(timeline), peak / 2**30, f" {phase} peak {peak / 2**30:.1f}", fontsize=8, va="center")
+    for phase, peak in phase_peaks.items():  # in the legend: peaks a few MiB apart would print over each other
+        ax.axhline(peak / 2**30, linestyle=":", linewidth=1, color=colors.get(phase, "#55a868"),
+                   label=f"{phase} peak {peak / 2**30:.2f} GiB")
+    ax.legend(fontsize=8, loc="best")
     if card_gib:
         ax.axhline(card_gib, color="black", linewidth=1)
         ax.text(0, card_gib, f" {card_gib:g} GiB card", fontsize=8, va="bottom")

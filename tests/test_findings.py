@@ -209,3 +209,11 @@ def test_big_fsdp_flips_on_outcome_and_error():
     assert f.facts["called"] is False and "1 of 2 held jobs" in f.sentence and "NOT within 10%" in f.sentence
     f = findings.big_fsdp({"no offload, held": oom})
     assert f.facts["worst_error"] is None and "No job trained" in f.sentence
+
+
+def test_untrained_caption_speaks_only_on_random_weights(capsys):
+    findings.untrained_caption(False, "the eval losses", "which format fits best")
+    said = capsys.readouterr().out
+    assert said.startswith("RANDOM WEIGHTS: the eval losses below") and "not which format fits best" in said
+    findings.untrained_caption(True, "the eval losses", "which format fits best")
+    assert capsys.readouterr().out == ""
