@@ -21,6 +21,7 @@ traceback, goes on with the next notebook (or stops, with --fail-fast) and exits
 """
 
 import argparse
+import contextlib
 import fcntl
 import json
 import logging
@@ -147,6 +148,22 @@ def find_notebooks(targets: list[str] | None = None) -> list[Path]:
     return found
 
 
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    """Set these environment variables for the block (kernels started in it inherit them), then put each back as it
+    was, unset included; other variables are not touched. Example: with _environ({"OMP_NUM_THREADS": "1"}): ..."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def run_notebook(notebook: Path, profile: str, out_dir: Path, overrides: dict | None = None,
                  progress: bool = True, cell_timeout: int | None = None) -> dict:
     """Execute one notebook under a profile; return its summary entry (never raises on cell errors)."""
@@ -156,33 +173,27 @@ def run_notebook(notebook: Path, profile: str, out_dir: Path, overrides: dict | 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     output = out_dir / notebook.name
-    # the kernel inherits this process's environment: make `import qlora_lab` work from a checkout
-    # (restored afterwards, so later subprocesses of this process do not import the checkout by surprise)
-    saved_path = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(paths.REPO_ROOT), saved_path]))
-    headless_before = os.environ.get(env.HEADLESS_ENV)
-    os.environ[env.HEADLESS_ENV] = "1"  # env.progress: text bars, which a saved notebook keeps at their last state
+    # the kernel inherits this process's environment: `import qlora_lab` works from a checkout, and env.progress
+    # draws text bars, which a saved notebook keeps at their last state (restored afterwards, so later subprocesses
+    # of this process do not import the checkout by surprise)
+    kernel_env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(paths.REPO_ROOT), os.environ.get("PYTHONPATH")])),
+                  env.HEADLESS_ENV: "1"}
     # papermill warns about every line of a multi-line parameter (our PROFILES dict); it is fine
     logging.getLogger("papermill.translators").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="Cell is missing an id field")  # papermill's injected cell has none
     start = time.perf_counter()
     error = None
     try:
-        papermill.execute_notebook(
-            str(notebook), str(output), parameters={"profile": profile, "overrides": overrides or {}},
-            kernel_name="python3", cwd=str(notebook.parent), progress_bar=progress,
-            request_save_on_cell_execute=True, execution_timeout=cell_timeout, log_output=False)
+        with _environ(kernel_env):
+            papermill.execute_notebook(
+                str(notebook), str(output), parameters={"profile": profile, "overrides": overrides or {}},
+                kernel_name="python3", cwd=str(notebook.parent), progress_bar=progress,
+                request_save_on_cell_execute=True, execution_timeout=cell_timeout, log_output=False)
     except papermill.PapermillExecutionError as err:  # the failing cell, as plain text
         error = {"cell_index": err.cell_index, "source": err.source, "ename": err.ename, "evalue": err.evalue,
                  "traceback": _ANSI.sub("", "\n".join(err.traceback or []))}
     except Exception as err:  # kernel died, timeout, bad notebook: still a failed entry, not a crash
         error = {"cell_index": None, "source": "", "ename": type(err).__name__, "evalue": str(err), "traceback": ""}
-    finally:
-        for name, before in (("PYTHONPATH", saved_path), (env.HEADLESS_ENV, headless_before)):
-            if before is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = before
     seconds = time.perf_counter() - start
     results = read_results(output) if output.exists() else {}
     return {"status": "failed" if error else "ok", "seconds": round(seconds, 2), "results": results,
@@ -293,17 +304,10 @@ def run_notebooks(notebooks: list[Path], profile: str, out: Path, overrides: dic
     if together:
         # each kernel its share of the cores: else torch starts a thread per core in every kernel and they fight
         cores = int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
-        before = os.environ.get("OMP_NUM_THREADS")
-        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // min(jobs, len(together))))
-        try:
-            with ThreadPoolExecutor(max_workers=jobs) as pool:
-                for future in as_completed([pool.submit(run_one, nb, False) for nb in together]):
-                    future.result()
-        finally:
-            if before is None:
-                os.environ.pop("OMP_NUM_THREADS")
-            else:
-                os.environ["OMP_NUM_THREADS"] = before
+        with _environ({"OMP_NUM_THREADS": str(max(1, cores // min(jobs, len(together))))}), \
+                ThreadPoolExecutor(max_workers=jobs) as pool:
+            for future in as_completed([pool.submit(run_one, nb, False) for nb in together]):
+                future.result()
     bar.close()
     return summary
 
