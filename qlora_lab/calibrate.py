@@ -72,19 +72,19 @@ def for_device(configs: list[dict], device: str) -> list[dict]:
     name = recipe.dtype_name(recipe.default_compute_dtype(device))
     if name == "bf16":
         return configs
-    return [{**c, "compute_dtype": name, **({"mixed_precision": name} if c.get("mixed_precision") == "bf16" else {}),
-             **({"label": c["label"].replace("bf16", name)} if "label" in c else {})} for c in configs]
+    return [{**c, "compute_dtype": name, **({"mixed_precision": name} if c.get("mixed_precision") == "bf16" else {})}
+            for c in configs]  # labels stay: label() names the dtype
 
 
 def label(config: dict) -> str:
-    """A configuration's short name; a named row gets its compute dtype appended where the name does not say it.
+    """A configuration's short name; a named row says a compute dtype other than bf16 (in place of "bf16", or appended).
 
     Example: label(GRIDS["cpu-small"][0]) -> "smollm2-135m qlora r16 b1x64 bf16"
     """
     setup = vram.Setup.of(config)
     if config.get("label"):
-        name = config["label"]
-        return name if setup.compute_dtype == "bf16" or setup.compute_dtype in name else f"{name}, {setup.compute_dtype}"
+        name, dtype = config["label"], setup.compute_dtype
+        return name if dtype == "bf16" else name.replace("bf16", dtype) if "bf16" in name else f"{name}, {dtype}"
     parts = [setup.model, setup.method, "" if setup.method == "full" else
              f"r{setup.r}" + ("" if setup.targets == "all-linear" else " q,v"),
              f"b{setup.batch}x{setup.seq}" + (f" x{setup.grad_accum} accum" if setup.grad_accum > 1 else ""),
