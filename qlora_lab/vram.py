@@ -112,7 +112,8 @@ def _arch(model) -> Arch:
             raise SetupError(str(err)) from None
         except (models.ModelSpecError, OSError, ValueError) as err:
             raise SetupError(f"unknown model {model!r}: use a preset ({', '.join(shapes.ARCHITECTURES)}), "
-                             f"a transformers config, or a checkpoint directory / hub id ({err})") from None
+                             f"a transformers config, or a checkpoint directory / hub id ({' '.join(str(err).split())})"
+                             ) from None  # transformers' messages span lines: one line here
     try:
         return shapes.of(model)
     except ValueError as err:
