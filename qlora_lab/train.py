@@ -277,11 +277,13 @@ def finetune(model, tokenizer, train_rows, eval_rows, config: TrainConfig, outpu
     with measure.MemoryMeter(device) as meter:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - start
-    return FinetuneResult(
+    result = FinetuneResult(
         steps=trainer.state.global_step, resumed_from=step, train_seconds=seconds,
         step_seconds=statistics.median(timer.seconds) if timer.seconds else float("nan"),
         peak_bytes=meter.peak_bytes, memory_kind=meter.kind, log_history=list(trainer.state.log_history),
         output_dir=str(output_dir))
+    measure.release_trainer(trainer)  # afterwards only the caller's `model` keeps the model alive
+    return result
 
 
 def run_dir(kind: str, spec: str, r: int, alpha: float, config: TrainConfig) -> Path:
@@ -335,6 +337,6 @@ def step_times(setup, steps: int = 9, warmup: int = 3, device: str | None = None
     trainer.train()
     steady = timer.seconds[warmup:]
     median = statistics.median(steady)
-    trainer.accelerator.free_memory()
+    measure.release_trainer(trainer)
     return {"median_s": median, "min_s": min(steady), "max_s": max(steady), "steps": steady,
             "tokens_per_s": setup.batch * setup.seq / median}
