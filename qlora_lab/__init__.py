@@ -13,6 +13,7 @@ needs them is imported. Its side effects: hub requests get a timeout and a stall
     env      versions and device report
     vram     the VRAM calculator: where every byte of a training step goes, and solvers
     measure  measured memory of real training steps (CUDA allocator, or live tensors on a CPU)
+    leftovers what libraries keep after a run (bitsandbytes' managers, accelerate), and how to free it
     quant    NF4/FP4/INT4 from scratch, bit-exact with bitsandbytes (CPU and CUDA)
     lora     LoRA through peft: configs, parameter counts, the cached r/alpha sweep
     checks   the only-LoRA-trains checker

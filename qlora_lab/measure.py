@@ -28,14 +28,13 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import convert_outputs_to_fp32
-from bitsandbytes.optim import GlobalOptimManager
 from datasets import Dataset
 from peft import prepare_model_for_kbit_training
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from qlora_lab import env, lora, models, quant, recipe, vram
+from qlora_lab import env, leftovers, lora, models, quant, recipe, vram
 
 # What a peak-memory number measures, in words: every figure and table that shows one says which.
 CUDA_ALLOCATED = "torch.cuda.max_memory_allocated"  # the most bytes live tensors held (the calculator's quantity)
@@ -327,7 +326,7 @@ def measure_steps(model, optimizer, setup, steps: int = 2, seed: int = 0, timeli
     keep, accum = setup.keep_outputs, setup.grad_accum
     for _ in range(steps - 1):
         train_step(model, optimizer, input_ids, keep_outputs=keep, grad_accum=accum)
-    result = Measurement(device=device.type, peak_allocated_bytes=0, paged_bytes=paged_state_bytes(optimizer),
+    result = Measurement(device=device.type, peak_allocated_bytes=0, paged_bytes=leftovers.paged_state_bytes(optimizer),
                          setup=asdict(setup), after={"load": after_load})
     reader = CudaMemory(baseline) if cuda else CpuLiveTensors(owned_tensor_bytes(model, optimizer, input_ids))
     result.memory_kind = reader.kind
@@ -439,39 +438,14 @@ def measure_trainer(setup, steps: int = 3, device: str | None = None, seed: int 
     result = Measurement(device=device.type, peak_allocated_bytes=max(callback.peaks), step_peaks=callback.peaks,
                          phase_peaks={**phases, "step": max(callback.peaks)}, setup=asdict(setup),
                          memory_kind=CUDA_ALLOCATED if device.type == "cuda" else CPU_LIVE_TENSORS,
-                         paged_bytes=paged_state_bytes(trainer.optimizer),
+                         paged_bytes=leftovers.paged_state_bytes(trainer.optimizer),
                          loss=trainer.state.log_history[-1].get("train_loss", 0.0))
     if device.type == "cuda":
         result.peak_reserved_bytes, result.device_used_bytes = _device_readings()
-    release_trainer(trainer)
+    leftovers.release_trainer(trainer)
     del trainer, model
     release(device)
     return result
-
-
-def release_trainer(trainer) -> int:
-    """Drop what a finished Trainer leaves holding its model, so that `del model; gc.collect()` frees the model.
-
-    Two holders outlive a Trainer: accelerate's Accelerator keeps the model, optimizer and data loaders it prepared
-    (free_memory() drops them), and bitsandbytes' GlobalOptimManager, a process-wide singleton, keeps for good every
-    nn.Embedding module that Trainer registers when the optimizer is an 8-bit one (paged_adamw_8bit, adamw_bnb_8bit;
-    the registration asks for 32-bit state for embeddings). The module holds its weight: after prepare's fp32 upcast
-    a vocab x hidden x 4 byte tensor, 0.49 GiB for llama-2-7b, still allocated when the next model is measured.
-    The model itself stays usable. Returns how many of bitsandbytes' registrations were dropped.
-    Example: release_trainer(trainer) -> 1 (the input embedding, after training with paged_adamw_8bit)
-    """
-    dropped = 0
-    if trainer.model is not None:
-        manager = GlobalOptimManager.get_instance()
-        mine = {id(module) for module in trainer.model.modules()}
-        kept = [entry for entry in manager.module_weight_config_triple if id(entry[0]) not in mine]
-        dropped = len(manager.module_weight_config_triple) - len(kept)
-        manager.module_weight_config_triple = kept
-        for p in trainer.model.parameters():  # keyed by id(): a later tensor at the same address must not inherit it
-            manager.pid2config.pop(id(p), None)
-    trainer.accelerator.free_memory()
-    trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
-    return dropped
 
 
 def _load_and_prepare(setup, device: str, checkpoint: str | None, prepare_defaults: bool, seed: int):
@@ -525,52 +499,17 @@ def measure_variants(setup, variants: dict[str, dict], steps: int = 3, timeline:
     runs, current = {}, setup
     for label, (variant, cap_gib) in plan.items():
         if (variant.adapter_dtype, variant.optimizer) != (current.adapter_dtype, current.optimizer):
-            leftover += free_optimizer(optimizer)  # paged bytes it could not free stay on the device: not this run's
+            leftover += leftovers.free_optimizer(optimizer)  # paged bytes it could not free stay: not this run's
             cast_adapters(model, variant.adapter_dtype)
             optimizer, current = recipe.make_optimizer(variant.optimizer, lora.trainable_parameters(model)), variant
         release(device)  # the last variant's cached blocks and cuBLAS workspace go; it re-reads the device ...
         _DEVICE["leftover"] = leftover  # ... but the live model is this variant's own, not an earlier run's
         result, error = try_measure_steps(model, optimizer, variant, steps, cap_gib, timeline, baseline)
         runs[label] = run(variant, cap_gib, result, error, **common)
-    free_optimizer(optimizer)
+    leftovers.free_optimizer(optimizer)
     del model, optimizer
     release(device)
     return runs
-
-
-def free_optimizer(optimizer) -> int:
-    """Drop an optimizer's state, paged state included (bitsandbytes allocates each paged buffer in CUDA unified memory,
-    keeps it in its page manager and never frees it: here it leaves the manager and is freed with cuMemFree). Returns
-    the paged bytes that could not be freed (they stay on the device). Example: free_optimizer(optimizer) -> 0"""
-    paged = _paged_tensors(optimizer)
-    optimizer.state.clear()
-    if paged:  # out of bitsandbytes' page manager, and no kernel may still use them
-        from bitsandbytes.functional import GlobalPageManager
-
-        manager, ids = GlobalPageManager.get_instance(), {id(t) for t in paged}
-        manager.paged_tensors = [t for t in manager.paged_tensors if id(t) not in ids]
-        torch.cuda.synchronize()
-    pointers = [(t.data_ptr(), t.numel() * t.element_size()) for t in paged]
-    del paged
-    return sum(nbytes for pointer, nbytes in pointers if not _free_managed(pointer))
-
-
-def _free_managed(pointer: int) -> bool:
-    """cuMemFree a CUDA unified-memory pointer; False where the driver library is missing or refuses."""
-    try:
-        return ctypes.CDLL("libcuda.so.1").cuMemFree_v2(ctypes.c_void_p(pointer)) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-def paged_state_bytes(optimizer) -> int:
-    """Bytes of optimizer state that bitsandbytes placed in CUDA unified (paged) memory."""
-    return sum(t.numel() * t.element_size() for t in _paged_tensors(optimizer))
-
-
-def _paged_tensors(optimizer) -> list[torch.Tensor]:
-    return [v for state in getattr(optimizer, "state", {}).values() for v in state.values()
-            if isinstance(v, torch.Tensor) and getattr(v, "is_paged", False)]
 
 
 class MemoryMeter:

@@ -26,7 +26,7 @@ from datasets import Dataset
 from safetensors import safe_open
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from qlora_lab import data, measure, paths, recipe
+from qlora_lab import data, leftovers, measure, paths, recipe
 
 # --------------------------------------------------------------------------- training (lab 05)
 
@@ -282,7 +282,7 @@ def finetune(model, tokenizer, train_rows, eval_rows, config: TrainConfig, outpu
         step_seconds=statistics.median(timer.seconds) if timer.seconds else float("nan"),
         peak_bytes=meter.peak_bytes, memory_kind=meter.kind, log_history=list(trainer.state.log_history),
         output_dir=str(output_dir))
-    measure.release_trainer(trainer)  # afterwards only the caller's `model` keeps the model alive
+    leftovers.release_trainer(trainer)  # afterwards only the caller's `model` keeps the model alive
     return result
 
 
@@ -337,6 +337,6 @@ def step_times(setup, steps: int = 9, warmup: int = 3, device: str | None = None
     trainer.train()
     steady = timer.seconds[warmup:]
     median = statistics.median(steady)
-    measure.release_trainer(trainer)
+    leftovers.release_trainer(trainer)
     return {"median_s": median, "min_s": min(steady), "max_s": max(steady), "steps": steady,
             "tokens_per_s": setup.batch * setup.seq / median}

