@@ -109,7 +109,7 @@ def install(timeout_s: float = TIMEOUT_S) -> bool:
     Returns False where huggingface_hub is missing or has no client factory (before 1.0).
     Example: install() -> True
     """
-    try:
+    try:  # here, not at the top: the package imports (and says what is missing) without huggingface_hub
         from huggingface_hub.utils import _http
     except ImportError:
         return False
