@@ -87,8 +87,9 @@ def reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
 def _guarded(send, timeout_errors: tuple, timeout_s: float):
     """Wrap an httpx Client.send: refuse while the breaker is open; open it when an answer never starts."""
     def send_unless_stalled(request, **kwargs):
-        if stalled():
-            raise HubStalled(f"{stalled()}; not retried for {COOL_DOWN_S:.0f} s")
+        reason = stalled()
+        if reason:
+            raise HubStalled(f"{reason}; not retried for {COOL_DOWN_S:.0f} s")
         # httpcore obeys the request's limits; `timeout=None` passed per request (HfApi.model_info does) means none
         # at all, so every unset limit gets ours
         limits = request.extensions.get("timeout") or {}

@@ -231,8 +231,9 @@ def _hub_fails_fast(hub_id: str):
     try:
         yield
     except Exception:
-        if hub.stalled():
-            raise HubUnavailable(f"{hub_id!r}: {hub.stalled()}. {OFFLINE_FIX}.") from None
+        reason = hub.stalled()
+        if reason:
+            raise HubUnavailable(f"{hub_id!r}: {reason}. {OFFLINE_FIX}.") from None
         raise
 
 
