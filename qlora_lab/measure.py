@@ -477,7 +477,7 @@ def measure_variants(setup, variants: dict[str, dict], steps: int = 3, timeline:
     variants: {label: Setup fields to change (seq, adapter_dtype, ...) plus an optional "cap_gib"}. Each variant starts
     clean: release() empties the caches, and its device reading subtracts only what earlier runs left (taken before the
     build), not this model. A new adapter_dtype or optimizer casts the adapters and makes a fresh optimizer, the old one
-    freed first, paged state included (free_optimizer). Returns {label: {"result", "error", "prediction", "setup",
+    freed first, paged state included (leftovers.free_optimizer). Returns {label: {"result", "error", "prediction", "setup",
     "cap_gib", "build_seconds", "storage"}}; an out-of-memory is a result (see try_measure_steps).
     Example: measure_variants(vram.Setup("llama-65b", r=64), {"paper": {}, "48 GiB": {"cap_gib": 48}})
     """
